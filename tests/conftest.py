@@ -1,0 +1,100 @@
+"""Shared fixtures: tiny random Llama / Qwen2 checkpoints written with transformers' save_pretrained,
+and the embedded SmolLM2 model. Weights are re-drawn at a larger scale than HF's 0.02 init so every
+block is strongly nonlinear (a near-identity network would hide bugs)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import numpy as np
+import pytest
+
+TINY_VOCAB = 160
+TINY_CONFIGS = {
+    # Qwen2: q/k/v bias, tied embeddings, GQA ratio 1
+    "qwen2_tied_gqa1": dict(model_type="qwen2", num_attention_heads=4, num_key_value_heads=4,
+                            tie_word_embeddings=True),
+    # Llama: Llama-3 rope scaling (short original context so scaling bites), untied, GQA ratio 2
+    "llama3_untied_gqa2": dict(model_type="llama", num_attention_heads=4, num_key_value_heads=2,
+                               tie_word_embeddings=False,
+                               rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                                                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                "original_max_position_embeddings": 8}),
+    # Qwen2 GQA ratio 4, untied
+    "qwen2_untied_gqa4": dict(model_type="qwen2", num_attention_heads=8, num_key_value_heads=2,
+                              tie_word_embeddings=False),
+    # Llama tied, GQA 1, attention and MLP biases
+    "llama_tied_bias_gqa1": dict(model_type="llama", num_attention_heads=4, num_key_value_heads=4,
+                                 tie_word_embeddings=True, attention_bias=True, mlp_bias=True),
+}
+
+
+def build_hf_model(name: str, seed: int = 0, num_layers: int = 3, **overrides):
+    """A tiny transformers causal LM (eager attention, float32) with random, O(1)-scale weights;
+    `overrides` replace entries of TINY_CONFIGS[name]."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    spec = {**TINY_CONFIGS[name], **overrides}
+    model_type = spec.pop("model_type")
+    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM),
+                             "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[model_type]
+    config = config_cls(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=96,
+                        num_hidden_layers=num_layers, rms_norm_eps=1e-6, max_position_embeddings=64,
+                        attn_implementation="eager", pad_token_id=0, **spec)
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "norm" in pname:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif pname.endswith("bias"):
+                p.copy_(0.2 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) / np.sqrt(p.shape[-1]) * 1.5)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """name -> (folder, torch model) for every tiny config."""
+    out = {}
+    for name in TINY_CONFIGS:
+        model = build_hf_model(name)
+        folder = tmp_path_factory.mktemp(name)
+        model.save_pretrained(folder)
+        out[name] = (folder, model)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    import steerjax as sj
+
+    return sj.load_model(None)
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf():
+    """transformers' own GGUF load of the embedded model (dequantized float32, eager attention)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from steerjax.models.loading import default_model_path
+
+    path = default_model_path()
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                attn_implementation="eager", dtype=torch.float32).eval()
+
+
+def rel_err(a, b) -> float:
+    """max |a - b| / max |b| (the tolerance measure used throughout the tests)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+def random_ids(rng, batch: int, length: int, vocab: int = TINY_VOCAB):
+    return rng.integers(1, vocab, size=(batch, length)).astype(np.int32)

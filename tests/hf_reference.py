@@ -1,0 +1,52 @@
+"""PyTorch / transformers reference computations used by the tests (torch is a test-only dependency)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+
+
+def hf_positions(mask: np.ndarray) -> np.ndarray:
+    """HF generate's position ids for left-padded rows: cumsum(mask) - 1, clipped at 0."""
+    return np.maximum(np.cumsum(mask, axis=-1) - 1, 0)
+
+
+@contextlib.contextmanager
+def hf_steering_hook(model, layer: int, vector, alpha: float, position_mask: np.ndarray):
+    """Forward-pre-hook adding alpha * v at the masked positions (B, T) to the input of block `layer`
+    (or of the final norm when layer == L), the way steering libraries hook HF models."""
+    layers = model.model.layers
+    target = layers[layer] if layer < len(layers) else model.model.norm
+
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        v = torch.as_tensor(np.asarray(vector), dtype=hidden.dtype)
+        m = torch.as_tensor(position_mask, dtype=hidden.dtype)[..., None]
+        hidden = hidden + alpha * m * v
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    handle = target.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def hf_forward(model, ids: np.ndarray, mask: np.ndarray | None = None):
+    """(logits (B, T, V), hidden tuple of L + 1 (B, T, d), final-norm input (B, T, d)) as numpy."""
+    mask = np.ones_like(ids) if mask is None else mask
+    captured = {}
+    handle = model.model.norm.register_forward_pre_hook(lambda m, args: captured.setdefault("h_L", args[0]))
+    try:
+        with torch.no_grad():
+            out = model(input_ids=torch.as_tensor(ids, dtype=torch.long),
+                        attention_mask=torch.as_tensor(mask, dtype=torch.long),
+                        position_ids=torch.as_tensor(hf_positions(mask), dtype=torch.long),
+                        output_hidden_states=True)
+    finally:
+        handle.remove()
+    return (out.logits.numpy(), [h.numpy() for h in out.hidden_states], captured["h_L"].numpy())
