@@ -79,6 +79,7 @@ class LanguageModel:
     source: str
     tokenizer_loader: Any = None
     _tokenizer: Any = dataclasses.field(default=None, repr=False)
+    cache: dict = dataclasses.field(default_factory=dict, repr=False)  # per-model derived data (e.g. W_U QR)
 
     @property
     def num_layers(self) -> int:

@@ -112,6 +112,23 @@ def forward(config: ModelConfig, params, ids, attention_mask, steer_layer, steer
     return logits, hidden
 
 
+def forward_with_cache(config: ModelConfig, params, ids, attention_mask):
+    """Unsteered pass that also returns what a later pass needs to re-run any tail of blocks:
+    hidden (L + 1, B, T, d), per-layer keys and values (L, B, T, K, h) each, and cos/sin (B, T, h)."""
+    dtype = param_dtype(params)
+    h = params["embed"][ids]
+    inv_freq = jnp.asarray(rope_inv_freq(config), jnp.promote_types(dtype, jnp.float32))
+    cos, sin = rope_cos_sin(inv_freq, positions_from_mask(attention_mask), dtype)
+    mask = causal_mask(attention_mask)
+
+    def step(h, block_params):
+        h_next, kv = apply_block(config, block_params, h, cos, sin, mask)
+        return h_next, (h, kv)
+
+    h_final, (hidden, (keys, values)) = jax.lax.scan(step, h, params["blocks"])
+    return jnp.concatenate([hidden, h_final[None]], axis=0), keys, values, cos, sin
+
+
 @functools.lru_cache(maxsize=None)
 def jitted_forward(config: ModelConfig, return_hidden: bool):
     """jit-compiled `forward` for one config (cached)."""

@@ -1,0 +1,281 @@
+"""Exact Jacobians of the last-position output with respect to the steered residual stream h_l.
+
+For a prompt, f(x) = observable(last position | h_l + x at the steered positions), and J = df/dx at 0
+(V x d). `positions="last"` uses the tail trick: steering the last position cannot change earlier ones
+(causal attention), so only blocks l..L-1 are re-run, for ONE token, against the keys and values cached
+from the unsteered pass. `positions="all"` (x added at every real token) re-runs the tail over the whole
+sequence; `recompute=True` does the same for "last" (a cross-check of the tail trick).
+
+Exact spectra without forming V x d or squaring the condition number: with D = d norm(h_L) / dx (d x d,
+from d JVPs) and the thin QR W_U = Q R (once per model), J_logits = Q (R D), so sigma(J) = sigma(R D).
+For log-probabilities J = (I - 1 p^T) W_U D, and with 1 = Q b + r the same reduction gives a (d+1) x d
+factor (see `observable_factor`). Stacking factors of many prompts gives the stacked operator
+sum_i J_i^T J_i = C^T C with C = [C_1; ...; C_n], again without squaring.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from steerjax.errors import InputError, SteeringError
+from steerjax.models import causal_lm
+from steerjax.model import LanguageModel, TokenBatch, as_token_batch
+
+OBSERVABLES = ("logits", "logprobs")
+JACOBIAN_POSITIONS = ("last", "all")
+
+
+class TailContext(NamedTuple):
+    """Unsteered state from which blocks l..L-1 can be re-run, for B prompts (leading axis B).
+    h (B, T, d): h_l at every position; keys, values (B, L - l, T, K, hd); cos, sin (B, T, hd);
+    attention_mask (B, T)."""
+
+    h: Any
+    keys: Any
+    values: Any
+    cos: Any
+    sin: Any
+    attention_mask: Any
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _tail_context(config, params, batch: TokenBatch, layer: int) -> TailContext:
+    hidden, keys, values, cos, sin = causal_lm.forward_with_cache(config, params, batch.ids, batch.attention_mask)
+    to_batch_major = lambda x: jnp.moveaxis(x[layer:], 0, 1)  # noqa: E731
+    return TailContext(hidden[layer], to_batch_major(keys), to_batch_major(values), cos, sin,
+                       batch.attention_mask)
+
+
+def tail_last(config, tail_params, ctx: TailContext, x):
+    """h_L (d,) at the last position of ONE prompt (ctx without batch axis) with x (d,) added to h_l
+    at the last position only; blocks run on one token against the cached prefix keys/values."""
+    h = (ctx.h[-1] + x)[None, None, :]
+    mask = ctx.attention_mask.astype(bool)[None, None, :]
+    cos, sin = ctx.cos[None, -1:], ctx.sin[None, -1:]
+
+    def step(h, xs):
+        block_params, k, v = xs
+        h, _ = causal_lm.apply_block(config, block_params, h, cos, sin, mask, kv_prefix=(k[None, :-1], v[None, :-1]))
+        return h, None
+
+    h, _ = jax.lax.scan(step, h, (tail_params, ctx.keys, ctx.values))
+    return h[0, 0]
+
+
+def tail_full(config, tail_params, ctx: TailContext, x, steer_mask):
+    """As `tail_last`, but x is added at the positions of steer_mask (T,) and blocks l..L-1 are
+    re-run over the whole sequence (no cache)."""
+    h = (ctx.h + steer_mask[:, None].astype(ctx.h.dtype) * x)[None]
+    mask = causal_lm.causal_mask(ctx.attention_mask[None])
+
+    def step(h, block_params):
+        h, _ = causal_lm.apply_block(config, block_params, h, ctx.cos[None], ctx.sin[None], mask)
+        return h, None
+
+    h, _ = jax.lax.scan(step, h, tail_params)
+    return h[0, -1]
+
+
+def observe(config, params, h_final, observable: str):
+    """Observable (..., V) from the final-norm input h_L (..., d)."""
+    logits = causal_lm.logits_from_final_hidden(config, params, h_final)
+    return logits if observable == "logits" else jax.nn.log_softmax(logits, axis=-1)
+
+
+def _tail_fn(config, positions: str, recompute: bool):
+    """Single-prompt map (tail_params, ctx, x) -> h_L at the last position."""
+    if positions == "last" and not recompute:
+        return functools.partial(tail_last, config)
+
+    def fn(tail_params, ctx, x):
+        real = ctx.attention_mask.astype(bool)
+        steer_mask = real if positions == "all" else jnp.arange(real.shape[0]) == real.shape[0] - 1
+        return tail_full(config, tail_params, ctx, x, steer_mask)
+
+    return fn
+
+
+def jacfwd_chunked(fn, x0, chunk: int):
+    """Dense Jacobian (out, d) of fn at x0 (d,) by JVPs along the basis, `chunk` tangents at a time."""
+    d = x0.shape[0]
+    chunk = max(1, min(chunk, d))
+    pad = (-d) % chunk
+    basis = jnp.concatenate([jnp.eye(d, dtype=x0.dtype), jnp.zeros((pad, d), x0.dtype)])
+    jvp_one = lambda t: jax.jvp(fn, (x0,), (t,))[1]  # noqa: E731
+    cols = jax.lax.map(jax.vmap(jvp_one), basis.reshape(-1, chunk, d))  # (n_chunks, chunk, out...)
+    cols = cols.reshape(-1, *cols.shape[2:])[:d]
+    return jnp.moveaxis(cols, 0, -1)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(config, observable: str, positions: str, recompute: bool, chunk: int):
+    """jit-compiled batched (vmapped over prompts) Jacobian routines for one configuration."""
+    tail = _tail_fn(config, positions, recompute)
+
+    def f_obs(params, tail_params, ctx, x):
+        return observe(config, params, tail(tail_params, ctx, x), observable)
+
+    def normed(params, tail_params, ctx, x):
+        return causal_lm.final_norm(config, params, tail(tail_params, ctx, x))
+
+    def zero(ctx):
+        return jnp.zeros(ctx.h.shape[-1], ctx.h.dtype)
+
+    def matvec(params, tail_params, ctx, v):
+        return jax.jvp(lambda x: f_obs(params, tail_params, ctx, x), (zero(ctx),), (v,))[1]
+
+    def rmatvec(params, tail_params, ctx, u):
+        return jax.vjp(lambda x: f_obs(params, tail_params, ctx, x), zero(ctx))[1](u)[0]
+
+    def gram_matvec(params, tail_params, ctx, v):
+        return rmatvec(params, tail_params, ctx, matvec(params, tail_params, ctx, v))
+
+    def dense(params, tail_params, ctx):
+        return jacfwd_chunked(lambda x: f_obs(params, tail_params, ctx, x), zero(ctx), chunk)
+
+    def normed_jacobian(params, tail_params, ctx):
+        return jacfwd_chunked(lambda x: normed(params, tail_params, ctx, x), zero(ctx), chunk)
+
+    def last_probs(params, tail_params, ctx):
+        return jax.nn.softmax(observe(config, params, tail(tail_params, ctx, zero(ctx)), "logits"))
+
+    over_prompts = lambda fn, *axes: jax.jit(jax.vmap(fn, in_axes=(None, None, 0, *axes)))  # noqa: E731
+    return {
+        "matvec": over_prompts(matvec, 0),
+        "rmatvec": over_prompts(rmatvec, 0),
+        "gram_matvec": jax.jit(lambda p, tp, ctx, v: jnp.sum(
+            jax.vmap(gram_matvec, in_axes=(None, None, 0, None))(p, tp, ctx, v), axis=0)),
+        "dense": over_prompts(dense),
+        "normed_jacobian": over_prompts(normed_jacobian),
+        "probs": over_prompts(last_probs),
+        "value": over_prompts(lambda p, tp, ctx: f_obs(p, tp, ctx, zero(ctx))),
+    }
+
+
+# ----------------------------------------------------------------------------- unembedding reduction
+
+def unembedding_reduction(lm: LanguageModel) -> dict[str, np.ndarray]:
+    """Thin QR of W_U (V, d) in float64, cached on the model: R (d, d), b = Q^T 1 (d,), and
+    r_norm = ||1 - Q b|| (the part of the all-ones vector outside range(W_U))."""
+    key = ("unembedding_qr", id(causal_lm.unembedding(lm.params)))
+    if key not in lm.cache:
+        w = np.asarray(causal_lm.unembedding(lm.params), np.float64)
+        q, r = np.linalg.qr(w, mode="reduced")
+        b = q.T @ np.ones(w.shape[0])
+        r_norm = float(np.linalg.norm(np.ones(w.shape[0]) - q @ b))
+        lm.cache[key] = {"R": r, "b": b, "r_norm": r_norm}
+    return lm.cache[key]
+
+
+def observable_factor(reduction: dict[str, np.ndarray], w_unembed: np.ndarray, observable: str,
+                      probs: np.ndarray | None = None) -> np.ndarray:
+    """M with orthonormal-column E such that (output map) = E M: logits W_U = Q R gives M = R (d, d);
+    log-probs (I - 1 p^T) W_U = [Q, r/|r|] [[R - b wbar^T], [-|r| wbar^T]] with wbar = W_U^T p, so
+    M is (d + 1, d). sigma(J) = sigma(M D) for D = d norm(h_L)/dx."""
+    if observable == "logits":
+        return reduction["R"]
+    wbar = w_unembed.T @ np.asarray(probs, np.float64)
+    top = reduction["R"] - np.outer(reduction["b"], wbar)
+    return np.vstack([top, -reduction["r_norm"] * wbar[None, :]])
+
+
+# ----------------------------------------------------------------------------- public operator
+
+@dataclasses.dataclass
+class JacobianOperator:
+    """Jacobians J_i (V x d) of the last-position observable w.r.t. h_layer for a batch of prompts.
+
+    matvec(v (d,) or (B, d)) -> J_i v (B, V); rmatvec(u (B, V)) -> J_i^T u_i (B, d);
+    gram_matvec(x (d,)) -> sum_i J_i^T J_i x (d,); dense() -> (B, V, d);
+    normed_tail_jacobian() -> D_i (B, d, d); factors() -> C_i (B, r, d) float64 with J_i^T J_i = C_i^T C_i.
+    All prompt loops are vmapped."""
+
+    lm: LanguageModel
+    batch: TokenBatch
+    layer: int
+    observable: str = "logits"
+    positions: str = "last"
+    recompute: bool = False
+    chunk: int = 64
+
+    def __post_init__(self):
+        if self.observable not in OBSERVABLES:
+            raise InputError(f"unknown observable {self.observable!r}; choose one of {OBSERVABLES}")
+        if self.positions not in JACOBIAN_POSITIONS:
+            raise InputError(f"Jacobian positions must be one of {JACOBIAN_POSITIONS}, got {self.positions!r}")
+        L = self.lm.num_layers
+        if isinstance(self.layer, bool) or not isinstance(self.layer, (int, np.integer)) or not 0 <= self.layer <= L:
+            raise SteeringError(f"layer {self.layer!r} is outside [0, {L}] (this model has {L} blocks)")
+        self.batch = as_token_batch(self.batch)
+        self.lm.check_ids(self.batch)
+        self.layer = int(self.layer)
+        self.tail_params = jax.tree.map(lambda x: x[self.layer:], self.lm.params["blocks"])
+        self.ctx = _tail_context(self.lm.config, self.lm.params,
+                                 TokenBatch(jnp.asarray(self.batch.ids), jnp.asarray(self.batch.attention_mask)),
+                                 self.layer)
+        self._fns = _compiled(self.lm.config, self.observable, self.positions, self.recompute, self.chunk)
+
+    @property
+    def num_prompts(self) -> int:
+        return int(self.batch.ids.shape[0])
+
+    def _call(self, name, *args):
+        return self._fns[name](self.lm.params, self.tail_params, self.ctx, *args)
+
+    def value(self):
+        """Unsteered observable at the last position (B, V)."""
+        return self._call("value")
+
+    def probs(self):
+        """Unsteered next-token probabilities at the last position (B, V)."""
+        return self._call("probs")
+
+    def matvec(self, v):
+        v = jnp.asarray(v, self.lm.dtype)
+        v = jnp.broadcast_to(v, (self.num_prompts, self.lm.d)) if v.ndim == 1 else v
+        return self._call("matvec", v)
+
+    def rmatvec(self, u):
+        return self._call("rmatvec", jnp.asarray(u, self.lm.dtype))
+
+    def gram_matvec(self, x):
+        return self._call("gram_matvec", jnp.asarray(x, self.lm.dtype))
+
+    def dense(self):
+        return self._call("dense")
+
+    def normed_tail_jacobian(self):
+        return self._call("normed_jacobian")
+
+    def factors(self) -> np.ndarray:
+        """Exact float64 factors C_i = M_i D_i (B, r, d), r = d (logits) or d + 1 (logprobs):
+        sigma(J_i) = sigma(C_i) and J_i^T J_i = C_i^T C_i."""
+        d_mats = np.asarray(self.normed_tail_jacobian(), np.float64)
+        reduction = unembedding_reduction(self.lm)
+        if self.observable == "logits":
+            return np.einsum("rd,bde->bre", reduction["R"], d_mats)
+        w = np.asarray(causal_lm.unembedding(self.lm.params), np.float64)
+        probs = np.asarray(self.probs(), np.float64)
+        return np.stack([observable_factor(reduction, w, "logprobs", p) @ dm for p, dm in zip(probs, d_mats)])
+
+
+def jacobian_operator(lm: LanguageModel, ids, layer: int, observable: str = "logits",
+                      positions: str = "last", recompute: bool = False, chunk: int = 64) -> JacobianOperator:
+    """JacobianOperator for a batch of prompts (TokenBatch, (B, T) ids or ragged lists)."""
+    return JacobianOperator(lm, ids, layer, observable, positions, recompute, chunk)
+
+
+def jacobian(lm: LanguageModel, ids, layer: int, observable: str = "logits", positions: str = "last",
+             recompute: bool = False):
+    """Exact dense Jacobian (V, d) of the last-position observable w.r.t. h_layer for one prompt
+    (ids (T,) or (1, T))."""
+    op = jacobian_operator(lm, ids, layer, observable, positions, recompute)
+    if op.num_prompts != 1:
+        raise InputError(f"sj.jacobian takes one prompt, got {op.num_prompts}; use sj.jacobian_operator")
+    return op.dense()[0]

@@ -1,0 +1,155 @@
+"""Exact Jacobians: against torch.func.jacfwd on the HF model, and between steerjax's own independent
+float64 paths (full-sequence jax.jacfwd, the cached one-token tail, the QR route, central differences)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import steerjax as sj
+from conftest import rel_err, random_ids
+from steerjax.models import causal_lm
+
+# HF's float64 model keeps RMSNorm and RoPE tables in float32 (~1e-7 relative), so the torch reference
+# is not a true float64 one; 2e-6 is the issue's bar.
+TORCH_TOL = 2e-6
+# steerjax float64 paths against each other: rounding only (measured ~1e-15); 1e-9 is the issue's bar.
+F64_TOL = 1e-9
+
+
+@pytest.fixture(scope="module")
+def tiny64(tiny_checkpoints):
+    return {name: sj.load_model(folder, dtype="float64") for name, (folder, _) in tiny_checkpoints.items()
+            if name in ("qwen2_tied_gqa1", "llama3_untied_gqa2")}
+
+
+def full_forward_observable(lm, ids, mask, layer, steer_mask, observable):
+    """x (d,) -> last-position observable of the FULL forward with x added to h_layer where steer_mask."""
+    def f(x):
+        delta = steer_mask[None, :, None] * x[None, None, :]
+        logits = causal_lm.forward(lm.config, lm.params, ids[None], mask[None], layer, delta, False)[0][0, -1]
+        return logits if observable == "logits" else jax.nn.log_softmax(logits)
+    return f
+
+
+def torch_jacobian(hf_model, ids, layer: int, observable: str) -> np.ndarray:
+    """torch.func.jacfwd of the last-position observable w.r.t. an additive x at h_layer[-1]."""
+    model = hf_model.double()
+    target = model.model.layers[layer] if layer < len(model.model.layers) else model.model.norm
+    ids_t = torch.as_tensor(ids[None], dtype=torch.long)
+
+    def f(x):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            hidden = torch.cat([hidden[:, :-1], hidden[:, -1:] + x], dim=1)
+            return ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
+        handle = target.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            logits = model(input_ids=ids_t, attention_mask=torch.ones_like(ids_t)).logits[0, -1]
+        finally:
+            handle.remove()
+        return logits if observable == "logits" else torch.log_softmax(logits, -1)
+
+    try:
+        return torch.func.jacfwd(f)(torch.zeros(model.config.hidden_size, dtype=torch.float64)).detach().numpy()
+    finally:
+        hf_model.float()
+
+
+@pytest.mark.parametrize("name", ["qwen2_tied_gqa1", "llama3_untied_gqa2"])
+@pytest.mark.parametrize("layer,observable", [(0, "logits"), (1, "logprobs"), (3, "logits")])
+def test_jacobian_matches_torch_func_jacfwd(tiny_checkpoints, tiny64, name, layer, observable):
+    _, hf_model = tiny_checkpoints[name]
+    ids = random_ids(np.random.default_rng(layer), 1, 10)[0]
+    ours = np.asarray(sj.jacobian(tiny64[name], ids, layer, observable))
+    ref = torch_jacobian(hf_model, ids, layer, observable)
+    assert ours.shape == ref.shape == (160, 64)
+    assert rel_err(ours, ref) <= TORCH_TOL
+
+
+def fourth_order_central_difference(f, d: int, h: float = 2e-4) -> np.ndarray:
+    """(V, d) Jacobian by the 5-point stencil (error O(h^4))."""
+    cols = []
+    for i in range(d):
+        e = np.zeros(d)
+        e[i] = h
+        cols.append((-f(2 * e) + 8 * f(e) - 8 * f(-e) + f(-2 * e)) / (12 * h))
+    return np.stack(cols, axis=1)
+
+
+@pytest.mark.parametrize("layer", [0, 2, 3])
+@pytest.mark.parametrize("observable", ["logits", "logprobs"])
+def test_float64_paths_agree(tiny64, layer, observable):
+    lm = tiny64["llama3_untied_gqa2"]
+    ids = random_ids(np.random.default_rng(7), 1, 9)[0]
+    mask = np.ones_like(ids)
+    last = (np.arange(ids.size) == ids.size - 1).astype(np.float64)
+    f = full_forward_observable(lm, jnp.asarray(ids), jnp.asarray(mask), layer, jnp.asarray(last), observable)
+    full = np.asarray(jax.jacfwd(f)(jnp.zeros(lm.d)))
+    tail = np.asarray(sj.jacobian(lm, ids, layer, observable))
+    recompute = np.asarray(sj.jacobian(lm, ids, layer, observable, recompute=True))
+    jf = jax.jit(f)
+    fd = fourth_order_central_difference(lambda x: np.asarray(jf(jnp.asarray(x))), lm.d)
+    assert rel_err(tail, full) <= F64_TOL
+    assert rel_err(recompute, full) <= F64_TOL
+    assert rel_err(fd, full) <= F64_TOL
+    # QR route: sigma(J) from the small exact factor equals the dense SVD of J
+    factor = sj.jacobian_operator(lm, ids, layer, observable).factors()[0]
+    assert factor.shape == ((64, 64) if observable == "logits" else (65, 64))
+    s_factor = np.linalg.svd(factor, compute_uv=False)
+    s_dense = np.linalg.svd(full, compute_uv=False)
+    assert np.max(np.abs(s_factor - s_dense)) / s_dense[0] <= F64_TOL
+    np.testing.assert_allclose(factor.T @ factor, full.T @ full, rtol=0, atol=F64_TOL * s_dense[0] ** 2)
+
+
+def test_positions_all_jacobian_on_padded_batch(tiny64):
+    lm = tiny64["qwen2_tied_gqa1"]
+    rng = np.random.default_rng(8)
+    batch = sj.model.left_pad([list(rng.integers(1, 150, size=n)) for n in (6, 11)], pad_id=0)
+    op = sj.jacobian_operator(lm, batch, layer=1, observable="logprobs", positions="all")
+    dense = np.asarray(op.dense())
+    for row in range(2):
+        ids, mask = jnp.asarray(batch.ids[row]), jnp.asarray(batch.attention_mask[row])
+        f = full_forward_observable(lm, ids, mask, 1, mask.astype(jnp.float64), "logprobs")
+        assert rel_err(dense[row], np.asarray(jax.jacfwd(f)(jnp.zeros(lm.d)))) <= F64_TOL
+
+
+def test_batched_operators_match_dense(tiny64):
+    lm = tiny64["llama3_untied_gqa2"]
+    rng = np.random.default_rng(9)
+    prompts = [list(rng.integers(1, 150, size=n)) for n in (5, 9, 7)]
+    op = sj.jacobian_operator(lm, prompts, layer=2, observable="logits")
+    dense = np.asarray(op.dense())
+    for row, prompt in enumerate(prompts):  # padded batch == each prompt alone
+        assert rel_err(dense[row], sj.jacobian(lm, np.array(prompt), 2)) <= F64_TOL
+    v, u, x = rng.normal(size=(3, lm.d)), rng.normal(size=(3, 160)), rng.normal(size=lm.d)
+    assert rel_err(op.matvec(v), np.einsum("bvd,bd->bv", dense, v)) <= F64_TOL
+    assert rel_err(op.rmatvec(u), np.einsum("bvd,bv->bd", dense, u)) <= F64_TOL
+    gram = sum(j.T @ j for j in dense)
+    assert rel_err(op.gram_matvec(x), gram @ x) <= F64_TOL
+    stacked = np.concatenate(list(op.factors()))
+    np.testing.assert_allclose(stacked.T @ stacked, gram, rtol=0, atol=F64_TOL * np.abs(gram).max())
+
+
+def test_tail_trick_in_float32(tiny_checkpoints):
+    lm = sj.load_model(tiny_checkpoints["llama3_untied_gqa2"][0])
+    ids = random_ids(np.random.default_rng(10), 1, 12)[0]
+    tail = np.asarray(sj.jacobian(lm, ids, 1))
+    assert tail.dtype == np.float32
+    # float32 rounding through 2 blocks and the unembedding
+    assert rel_err(tail, np.asarray(sj.jacobian(lm, ids, 1, recompute=True))) <= 1e-5
+
+
+def test_jacobian_bad_input(tiny64):
+    lm = tiny64["qwen2_tied_gqa1"]
+    with pytest.raises(sj.SteeringError, match=r"layer 4 is outside \[0, 3\]"):
+        sj.jacobian(lm, np.arange(1, 5), 4)
+    with pytest.raises(sj.InputError, match="unknown observable 'probs'"):
+        sj.jacobian(lm, np.arange(1, 5), 1, observable="probs")
+    with pytest.raises(sj.InputError, match="positions must be one of"):
+        sj.jacobian(lm, np.arange(1, 5), 1, positions="generated")
+    with pytest.raises(sj.InputError, match="takes one prompt"):
+        sj.jacobian(lm, np.ones((2, 4), np.int32), 1)
