@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from steerjax import lanczos
 from steerjax.errors import InputError, SteeringError
 from steerjax.models import causal_lm
 from steerjax.model import LanguageModel, TokenBatch, as_token_batch
@@ -145,12 +146,19 @@ def _compiled(config, observable: str, positions: str, recompute: bool, chunk: i
     def last_probs(params, tail_params, ctx):
         return jax.nn.softmax(observe(config, params, tail(tail_params, ctx, zero(ctx)), "logits"))
 
+    def gram_sum(args, v):
+        params, tail_params, ctx = args
+        return jnp.sum(jax.vmap(gram_matvec, in_axes=(None, None, 0, None))(params, tail_params, ctx, v), axis=0)
+
     over_prompts = lambda fn, *axes: jax.jit(jax.vmap(fn, in_axes=(None, None, 0, *axes)))  # noqa: E731
     return {
+        # un-jitted, args-first single-prompt / stacked products for the Lanczos solvers
+        "matvec_one": lambda args, v: matvec(*args, v),
+        "rmatvec_one": lambda args, u: rmatvec(*args, u),
+        "gram_sum": gram_sum,
         "matvec": over_prompts(matvec, 0),
         "rmatvec": over_prompts(rmatvec, 0),
-        "gram_matvec": jax.jit(lambda p, tp, ctx, v: jnp.sum(
-            jax.vmap(gram_matvec, in_axes=(None, None, 0, None))(p, tp, ctx, v), axis=0)),
+        "gram_matvec": jax.jit(lambda p, tp, ctx, v: gram_sum((p, tp, ctx), v)),
         "dense": over_prompts(dense),
         "normed_jacobian": over_prompts(normed_jacobian),
         "probs": over_prompts(last_probs),
@@ -252,6 +260,26 @@ class JacobianOperator:
 
     def normed_tail_jacobian(self):
         return self._call("normed_jacobian")
+
+    def prompt_context(self, index: int) -> TailContext:
+        return jax.tree.map(lambda x: x[index], self.ctx)
+
+    def top_singular(self, k: int, prompt: int = 0, steps: int | None = None, seed: int = 0) -> lanczos.SVDResult:
+        """Top-k singular triplets of J_prompt by Golub-Kahan (matrix-free: jvp / vjp only)."""
+        args = (self.lm.params, self.tail_params, self.prompt_context(prompt))
+        return lanczos.top_singular_triplets(self._fns["matvec_one"], self._fns["rmatvec_one"], args,
+                                             self.lm.config.vocab_size, self.lm.d, k, steps, seed, self.lm.dtype)
+
+    def top_stacked(self, k: int, n_prompts: int | None = None, steps: int | None = None,
+                    seed: int = 0) -> lanczos.SVDResult:
+        """Top-k singular values / right vectors of the stacked J = [J_1; ...; J_n] (first n prompts) by
+        Lanczos on sum_i J_i^T J_i; u is empty. Squares the condition number: for the top of the
+        spectrum only (use `factors` for small singular values)."""
+        n = n_prompts or self.num_prompts
+        ctx = jax.tree.map(lambda x: x[:n], self.ctx)
+        res = lanczos.lanczos_eigh(self._fns["gram_sum"], (self.lm.params, self.tail_params, ctx), self.lm.d,
+                                   k, steps, seed, self.lm.dtype)
+        return lanczos.SVDResult(jnp.sqrt(jnp.maximum(res.w, 0.0)), jnp.zeros((0, k), res.v.dtype), res.v)
 
     def factors(self) -> np.ndarray:
         """Exact float64 factors C_i = M_i D_i (B, r, d), r = d (logits) or d + 1 (logprobs):

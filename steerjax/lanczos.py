@@ -1,6 +1,8 @@
 """Matrix-free Krylov methods, jit-compiled with full reorthogonalisation.
 
-`golub_kahan` bidiagonalises an operator A (n x d) from its products v -> A v and u -> A^T u;
+`golub_kahan` bidiagonalises an operator A (n x d) from its products matvec(args, v) = A v and
+rmatvec(args, u) = A^T u (module-level functions plus a pytree `args`, so one compilation serves every
+operator of the same shapes, e.g. the Jacobians of many prompts);
 `top_singular_triplets` returns the top-k singular triplets from the bidiagonal's SVD. `lanczos_eigh`
 tridiagonalises a symmetric operator (e.g. the stacked Gram sum_i J_i^T J_i) for its top-k eigenpairs.
 Every new Krylov vector is orthogonalised twice against all previous ones ("twice is enough"), so Ritz
@@ -51,7 +53,7 @@ def _normalise_or_restart(x, norm, basis, count, fresh, scale):
 
 
 @functools.partial(jax.jit, static_argnames=("matvec", "rmatvec", "n", "d", "steps", "dtype"))
-def golub_kahan(matvec: Callable, rmatvec: Callable, n: int, d: int, steps: int, key, dtype=jnp.float32):
+def golub_kahan(matvec: Callable, rmatvec: Callable, args, n: int, d: int, steps: int, key, dtype=jnp.float32):
     """`steps` rounds of Golub-Kahan-Lanczos bidiagonalisation: A V = U B with B upper bidiagonal.
     Returns (alpha (steps,), beta (steps,) superdiagonal, U (steps, n), V (steps, d))."""
     k_start, k_u, k_v = jax.random.split(key, 3)
@@ -65,11 +67,11 @@ def golub_kahan(matvec: Callable, rmatvec: Callable, n: int, d: int, steps: int,
 
     def body(j, state):
         U, V, alpha, beta, scale = state
-        u = matvec(V[j]) - beta[j] * U[jnp.maximum(j - 1, 0)] * (j > 0)
+        u = matvec(args, V[j]) - beta[j] * U[jnp.maximum(j - 1, 0)] * (j > 0)
         u, a = _orthogonalise(u, U, j)
         scale = jnp.maximum(scale, a)
         u, a = _normalise_or_restart(u, a, U, j, fresh_u[j], scale)
-        w = rmatvec(u) - a * V[j]
+        w = rmatvec(args, u) - a * V[j]
         w, b = _orthogonalise(w, V, j + 1)
         scale = jnp.maximum(scale, b)
         w, b = _normalise_or_restart(w, b, V, j + 1, fresh_v[j + 1], scale)
@@ -79,21 +81,21 @@ def golub_kahan(matvec: Callable, rmatvec: Callable, n: int, d: int, steps: int,
     return alpha, beta[1:steps], U, V[:steps]
 
 
-def top_singular_triplets(matvec: Callable, rmatvec: Callable, n: int, d: int, k: int,
+def top_singular_triplets(matvec: Callable, rmatvec: Callable, args, n: int, d: int, k: int,
                           steps: int | None = None, seed: int = 0, dtype=jnp.float32) -> SVDResult:
     """Top-k singular triplets of A (n x d) from `steps` >= k Golub-Kahan rounds (default
     min(d, max(2k + 20, 40)))."""
     steps = min(d, n, steps or max(2 * k + 20, 40))
     if not 0 < k <= steps:
         raise ValueError(f"need 0 < k <= steps <= min(n, d); got k={k}, steps={steps}, n={n}, d={d}")
-    alpha, beta, U, V = golub_kahan(matvec, rmatvec, n, d, steps, jax.random.PRNGKey(seed), dtype)
+    alpha, beta, U, V = golub_kahan(matvec, rmatvec, args, n, d, steps, jax.random.PRNGKey(seed), dtype)
     bidiag = jnp.diag(alpha) + jnp.diag(beta, 1)
     p, s, qt = jnp.linalg.svd(bidiag)
     return SVDResult(s[:k], U.T @ p[:, :k], V.T @ qt[:k].T)
 
 
 @functools.partial(jax.jit, static_argnames=("matvec", "d", "steps", "dtype"))
-def lanczos_tridiag(matvec: Callable, d: int, steps: int, key, dtype=jnp.float32):
+def lanczos_tridiag(matvec: Callable, args, d: int, steps: int, key, dtype=jnp.float32):
     """`steps` rounds of symmetric Lanczos: Q^T S Q = T. Returns (diag (steps,), offdiag (steps-1,), Q)."""
     k_start, k_fresh = jax.random.split(key)
     fresh = jax.random.normal(k_fresh, (steps, d), dtype)
@@ -104,7 +106,7 @@ def lanczos_tridiag(matvec: Callable, d: int, steps: int, key, dtype=jnp.float32
 
     def body(j, state):
         Q, diag, off, scale = state
-        w = matvec(Q[j])
+        w = matvec(args, Q[j])
         a = Q[j] @ w
         w, b = _orthogonalise(w, Q, j + 1)
         scale = jnp.maximum(scale, jnp.maximum(jnp.abs(a), b))
@@ -117,22 +119,26 @@ def lanczos_tridiag(matvec: Callable, d: int, steps: int, key, dtype=jnp.float32
     return diag, off[: steps - 1], Q
 
 
-def lanczos_eigh(matvec: Callable, d: int, k: int, steps: int | None = None, seed: int = 0,
+def lanczos_eigh(matvec: Callable, args, d: int, k: int, steps: int | None = None, seed: int = 0,
                  dtype=jnp.float32) -> EighResult:
-    """Top-k eigenpairs of a symmetric operator S (d x d) from its product x -> S x."""
+    """Top-k eigenpairs of a symmetric operator S (d x d) from its product matvec(args, x) = S x."""
     steps = min(d, steps or max(2 * k + 20, 40))
     if not 0 < k <= steps:
         raise ValueError(f"need 0 < k <= steps <= d; got k={k}, steps={steps}, d={d}")
-    diag, off, Q = lanczos_tridiag(matvec, d, steps, jax.random.PRNGKey(seed), dtype)
+    diag, off, Q = lanczos_tridiag(matvec, args, d, steps, jax.random.PRNGKey(seed), dtype)
     w, y = jnp.linalg.eigh(jnp.diag(diag) + jnp.diag(off, 1) + jnp.diag(off, -1))
     order = jnp.argsort(-w)[:k]
     return EighResult(w[order], Q.T @ y[:, order])
 
 
-def dense_operator(a) -> tuple[Callable, Callable]:
-    """(matvec, rmatvec) of a dense matrix; handy for tests and small problems."""
-    a = jnp.asarray(a)
-    return (lambda v: a @ v), (lambda u: a.T @ u)
+def dense_matvec(a, v):
+    """A v for a dense matrix passed as the operator args."""
+    return a @ v
+
+
+def dense_rmatvec(a, u):
+    """A^T u for a dense matrix passed as the operator args."""
+    return a.T @ u
 
 
 def known_spectrum_matrix(singular_values, n: int, seed: int = 0) -> np.ndarray:
