@@ -1,25 +1,193 @@
-"""Main job (placeholder until the geometry core lands): load the model and print its shape."""
+"""Main job: exact null-space geometry of J_l = d(last-position logits) / d h_l, layer by layer.
+
+Default (no arguments): embedded SmolLM2-135M-Instruct, layers every 5th plus L/2 and L, 16 built-in
+neutral prompts, exact spectra. Writes DIR/nullspace.json (after every finished layer; a rerun with the
+same settings resumes), spectrum.png, effective_rank.png, stacked_null_dim.png, and prints a table.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
+from pathlib import Path
+
+import numpy as np
 
 import steerjax as sj
+from steerjax import data, geometry, io, plotting
+from steerjax.extraction import extract_vector
+from steerjax.jacobian import JACOBIAN_POSITIONS, OBSERVABLES
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="HF folder, HF model id in the local cache, or .gguf "
+                                                 "(default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--layers", default="default",
+                   help="'default' (every 5th, L/2 and L), 'all', 'mid', or a comma list like 0,6,12")
+    p.add_argument("--prompts", default="builtin", help="'builtin', a .txt file (one prompt per line) or a "
+                                                         ".json list of strings / {\"prompts\": [...]}")
+    p.add_argument("--n-prompts", type=int, default=16, help="number of prompts to use (default 16)")
+    p.add_argument("--observable", choices=OBSERVABLES, default="logits")
+    p.add_argument("--positions", choices=JACOBIAN_POSITIONS, default="last",
+                   help="where the perturbation is added: last prompt token (default) or every token")
+    p.add_argument("--method", choices=("exact", "lanczos"), default="exact")
+    p.add_argument("--k", type=int, default=32, help="top-k singular values for --method lanczos")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="results/nullspace", help="output folder (default results/nullspace)")
+    p.add_argument("--fresh", action="store_true", help="ignore an existing nullspace.json instead of resuming")
+    args = p.parse_args(argv)
+    if args.n_prompts < 1:
+        p.error(f"--n-prompts must be >= 1, got {args.n_prompts}")
+    if args.k < 1:
+        p.error(f"--k must be >= 1, got {args.k}")
+    return args
+
+
+def read_prompts(spec: str) -> list[str]:
+    if spec == "builtin":
+        return list(data.geometry_prompts()["neutral"])
+    path = Path(spec)
+    if not path.is_file():
+        raise sj.InputError(f"prompt file not found: {path}")
+    text = path.read_text()
+    if path.suffix == ".json":
+        try:
+            loaded = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise sj.InputError(f"prompt file {path} is not valid JSON: {err}") from err
+        prompts = loaded.get("prompts") if isinstance(loaded, dict) else loaded
+        if not isinstance(prompts, list) or not all(isinstance(x, str) for x in prompts):
+            raise sj.InputError(f"prompt file {path} must hold a list of strings or {{\"prompts\": [...]}}")
+    else:
+        prompts = [line.strip() for line in text.splitlines()]
+    prompts = [x for x in prompts if x.strip()]
+    if not prompts:
+        raise sj.InputError(f"prompt file {path} holds no prompts")
+    return prompts
+
+
+def parse_layers(spec: str, num_layers: int) -> list[int]:
+    if spec == "default":
+        return sorted(set(range(0, num_layers + 1, 5)) | {num_layers // 2, num_layers})
+    if spec == "all":
+        return list(range(num_layers + 1))
+    if spec == "mid":
+        return [num_layers // 2]
+    try:
+        layers = sorted({int(x) for x in spec.split(",") if x.strip()})
+    except ValueError as err:
+        raise sj.InputError(f"--layers must be default, all, mid or a comma list of ints, got {spec!r}") from err
+    bad = [l for l in layers if not 0 <= l <= num_layers]
+    if bad or not layers:
+        raise sj.InputError(f"--layers {bad or spec} outside [0, {num_layers}] (the model has {num_layers} blocks)")
+    return layers
+
+
+def settings_key(args, prompts_ids) -> dict:
+    """What a resumable result must share with the current run."""
+    return {"model": str(args.model), "observable": args.observable, "positions": args.positions,
+            "method": args.method, "k": args.k if args.method == "lanczos" else None, "dtype": args.dtype,
+            "seed": args.seed, "prompt_token_ids": prompts_ids}
+
+
+def summary_row(entry: dict, d: int) -> dict:
+    pp = entry["per_prompt"]
+    med = lambda f: float(np.median([f(p) for p in pp]))  # noqa: E731
+    row = {"layer": entry["layer"], "sigma_max": med(lambda p: p["sigma_max"])}
+    ranks = pp[0]["effective_rank"]
+    if "numerical" in ranks:
+        for eps in ("1e-02", "1e-03", "1e-04"):
+            row[f"null@{eps}"] = med(lambda p: p["null_dim"][eps])
+        row["entropy"] = med(lambda p: p["effective_rank"]["entropy"])
+        row["stable"] = med(lambda p: p["effective_rank"]["stable"])
+    else:
+        for eps in ("1e-02", "1e-03"):
+            row[f"rank>=@{eps}"] = med(lambda p: p["effective_rank"]["numerical_lower_bound"][eps])
+    last = entry["stacked"][-1]
+    row[f"stacked null@1e-03 (N={last['n_prompts']})"] = last["null_dim"]["1e-03"]
+    if "orthogonal_null_fraction" in entry:
+        row["orth frac@1e-02"] = entry["orthogonal_null_fraction"]["1e-02"]["per_prompt_mean"]
+    return row
+
+
+def format_table(rows: list[dict]) -> str:
+    cols = list(rows[0])
+    fmt = lambda v: "-" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v))  # noqa: E731
+    widths = [max(len(c), *(len(fmt(r.get(c))) for r in rows)) for c in cols]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths))]
+    lines += ["  ".join(fmt(r.get(c)).rjust(w) for c, w in zip(cols, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+def run(args) -> dict:
+    from tqdm import tqdm
+
+    t0 = time.time()
+    lm = sj.load_model(args.model, dtype=args.dtype)
+    prompts = read_prompts(args.prompts)[: args.n_prompts]
+    if len(prompts) < args.n_prompts:
+        print(f"note: only {len(prompts)} prompts available (asked for {args.n_prompts})", file=sys.stderr)
+    batch = lm.tokenize(prompts)
+    lm.check_ids(batch)
+    layers = parse_layers(args.layers, lm.num_layers)
+    token_ids = [[int(t) for t, m in zip(row, mask) if m] for row, mask in zip(batch.ids, batch.attention_mask)]
+    out_dir = Path(args.out)
+    json_path = out_dir / "nullspace.json"
+    key = settings_key(args, token_ids)
+    previous = None if args.fresh else io.read_json(json_path)
+    resumable = previous is not None and previous.get("settings") == key
+    done = {e["layer"]: e for e in previous["layers"]} if resumable else {}
+    result = {
+        "model": lm.source, "model_name": Path(lm.source).name, "d": lm.d, "num_layers": lm.num_layers,
+        "vocab_size": lm.config.vocab_size, "observable": args.observable, "positions": args.positions,
+        "method": args.method, "dtype": args.dtype, "noise_floor": geometry.noise_floor(lm),
+        "prompts": [{"text": t, "token_ids": ids} for t, ids in zip(prompts, token_ids)],
+        "settings": key, "config": lm.config.to_dict(), "meta": io.run_metadata(), "complete": False,
+        "layers": [done[l] for l in layers if l in done],
+    }
+    if done:
+        print(f"resuming: {len(result['layers'])} finished layer(s) found in {json_path}", file=sys.stderr)
+    pairs = data.geometry_prompts()["direction_pairs"]
+    todo = [l for l in layers if l not in done]
+    for layer in tqdm(todo, desc="layers", unit="layer", file=sys.stderr):
+        t_layer = time.time()
+        if args.method == "exact":
+            v = extract_vector(lm, pairs["positive"], pairs["negative"], layer)
+            entry = geometry.analyze_layer_exact(lm, batch, layer, args.observable, args.positions, v, args.seed)
+            entry["vector"] = {"source": f"mean_diff of built-in {pairs['trait']} pairs at this layer",
+                               "norm": float(np.linalg.norm(v))}
+        else:
+            entry = geometry.analyze_layer_lanczos(lm, batch, layer, args.k, args.observable, args.positions,
+                                                   args.seed)
+        entry["seconds"] = time.time() - t_layer
+        result["layers"] = sorted(result["layers"] + [entry], key=lambda e: e["layer"])
+        io.write_json_atomic(json_path, result)
+    result["complete"] = True
+    result["seconds_total_this_run"] = time.time() - t0
+    io.write_json_atomic(json_path, result)
+    result = json.loads(json_path.read_text())
+    plotting.plot_spectra(result, out_dir / "spectrum.png")
+    plotting.plot_effective_ranks(result, out_dir / "effective_rank.png")
+    plotting.plot_stacked_null_dims(result, out_dir / "stacked_null_dim.png")
+    print(f"{result['model_name']}: d={lm.d}, L={lm.num_layers}, {len(prompts)} prompts, observable "
+          f"{args.observable}, {args.method}, {args.dtype} (noise floor {result['noise_floor']:.1e} of sigma_max)")
+    print("medians over prompts; null@eps = d - #{sigma > eps sigma_max}")
+    print(format_table([summary_row(e, lm.d) for e in result["layers"]]))
+    print(f"wrote {json_path} and 3 PNG plots in {time.time() - t0:.0f} s")
+    return result
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default=None, help="HF folder, cached HF model id or .gguf (default: SmolLM2)")
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     try:
-        lm = sj.load_model(args.model)
+        run(args)
     except sj.SteerjaxError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    c = lm.config
-    print(f"{lm.source}: {c.model_type}, L={c.num_layers}, d={c.hidden_size}, V={c.vocab_size}, "
-          f"heads={c.num_heads}/{c.num_kv_heads}")
     return 0
 
 

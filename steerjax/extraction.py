@@ -1,0 +1,44 @@
+"""Contrastive steering-vector extraction (paper eq. 3 / 9): read h_l at the last prompt token."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from steerjax.errors import InputError, SteeringError
+from steerjax.model import LanguageModel
+
+EXTRACTION_METHODS = ("mean_diff", "pca")
+
+
+def last_token_states(lm: LanguageModel, prompts: Sequence[str], layer: int, chat: bool = False) -> np.ndarray:
+    """h_layer at the last token of each prompt, (N, d) float64."""
+    if not 0 <= layer <= lm.num_layers:
+        raise SteeringError(f"layer {layer} is outside [0, {lm.num_layers}]")
+    out = lm.forward(lm.tokenize(list(prompts), chat=chat), return_hidden=True)
+    return np.asarray(out.hidden[layer][:, -1], np.float64)
+
+
+def vector_from_states(pos: np.ndarray, neg: np.ndarray, method: str = "mean_diff") -> np.ndarray:
+    """Steering vector (d,) from positive / negative activations (N, d).
+    mean_diff: mean(pos) - mean(neg). pca: first principal direction of the paired differences
+    pos_i - neg_i (uncentred, as repeng), signed and scaled to the mean difference's projection on it."""
+    if method not in EXTRACTION_METHODS:
+        raise InputError(f"unknown extraction method {method!r}; choose one of {EXTRACTION_METHODS}")
+    mean_diff = pos.mean(axis=0) - neg.mean(axis=0)
+    if method == "mean_diff":
+        return mean_diff
+    if pos.shape != neg.shape:
+        raise InputError(f"pca extraction needs paired prompts, got {len(pos)} positive and {len(neg)} negative")
+    direction = np.linalg.svd(pos - neg, full_matrices=False)[2][0]
+    return direction * (direction @ mean_diff)
+
+
+def extract_vector(lm: LanguageModel, pos_prompts: Sequence[str], neg_prompts: Sequence[str], layer: int,
+                   method: str = "mean_diff", chat: bool = False) -> np.ndarray:
+    """Steering vector (d,) at `layer` from contrastive prompts (h_l at the last token)."""
+    if not pos_prompts or not neg_prompts:
+        raise InputError("extraction needs at least one positive and one negative prompt")
+    return vector_from_states(last_token_states(lm, pos_prompts, layer, chat),
+                              last_token_states(lm, neg_prompts, layer, chat), method)

@@ -1,0 +1,113 @@
+"""The null-space study of one layer: per-prompt and stacked spectra, effective ranks, null dimensions,
+principal angles between the null spaces of two prompt sets, and the share of a random direction
+orthogonal to v that lies in the null space. Returns JSON-ready dicts (nullspace.json's `layers` items)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from steerjax import spectrum
+from steerjax.jacobian import jacobian_operator
+from steerjax.model import LanguageModel, TokenBatch
+
+ANGLE_EPS = (1e-2, 1e-3)
+FRACTION_SAMPLES = 2000
+
+
+def stacking_schedule(n_prompts: int) -> list[int]:
+    """1, 2, 4, ... up to n_prompts (always included)."""
+    schedule, n = [], 1
+    while n < n_prompts:
+        schedule.append(n)
+        n *= 2
+    return schedule + [n_prompts]
+
+
+def noise_floor(lm: LanguageModel) -> float:
+    """Relative singular-value level below which rounding in the model dtype dominates
+    (sqrt(d) * machine epsilon): null dims at smaller eps are not meaningful in that dtype."""
+    return float(np.sqrt(lm.d) * jnp.finfo(lm.dtype).eps)
+
+
+def spectrum_entry(s, d: int) -> dict:
+    s = spectrum.padded_singular_values(s, d)
+    return {"singular_values": s, "sigma_max": float(s[0]), "effective_rank": spectrum.effective_ranks(s),
+            "null_dim": spectrum.null_dims(s, d)}
+
+
+def principal_angle_entry(factor_a, factor_b, d: int) -> dict:
+    """Null spaces of two stacked prompt sets at each eps: dimensions, angles (degrees) and the
+    mean squared cosine next to its value for independent random subspaces (k_b / d)."""
+    out = {}
+    for eps in ANGLE_EPS:
+        a = spectrum.null_space_basis(factor_a, eps)
+        b = spectrum.null_space_basis(factor_b, eps)
+        angles = spectrum.principal_angles(a, b)
+        out[spectrum.eps_key(eps)] = {
+            "dim_a": a.shape[1], "dim_b": b.shape[1], "angles_deg": np.degrees(angles),
+            "mean_cos2": float(np.mean(np.cos(angles) ** 2)) if angles.size else None,
+            "random_mean_cos2": float(max(a.shape[1], b.shape[1]) / d) if angles.size else None,
+        }
+    return out
+
+
+def orthogonal_fraction_entry(factors: np.ndarray, stacked_factor: np.ndarray, v: np.ndarray, seed: int) -> dict:
+    """Exact E||P_null r||^2/||r||^2 for random r orthogonal to v, per prompt (mean, min, max) and for the
+    stacked null space, at every eps; with a Monte Carlo check on the first prompt."""
+    out = {}
+    for eps in spectrum.RANK_EPS:
+        bases = [spectrum.null_space_basis(c, eps) for c in factors]
+        per_prompt = np.array([spectrum.orthogonal_null_fraction(b, v) for b in bases])
+        samples = spectrum.sampled_orthogonal_null_fractions(bases[0], v, FRACTION_SAMPLES, seed)
+        out[spectrum.eps_key(eps)] = {
+            "per_prompt_mean": float(per_prompt.mean()), "per_prompt_min": float(per_prompt.min()),
+            "per_prompt_max": float(per_prompt.max()),
+            "stacked": spectrum.orthogonal_null_fraction(spectrum.null_space_basis(stacked_factor, eps), v),
+            "monte_carlo_first_prompt": {"mean": float(samples.mean()), "std": float(samples.std()),
+                                         "samples": FRACTION_SAMPLES},
+        }
+    return out
+
+
+def analyze_layer_exact(lm: LanguageModel, batch: TokenBatch, layer: int, observable: str = "logits",
+                        positions: str = "last", vector: np.ndarray | None = None, seed: int = 0) -> dict:
+    """Exact study of one layer (float64 SVDs of the QR-reduced factors)."""
+    op = jacobian_operator(lm, batch, layer, observable, positions)
+    factors = op.factors()
+    n, d = factors.shape[0], lm.d
+    entry = {"layer": layer, "per_prompt": [spectrum_entry(np.linalg.svd(c, compute_uv=False), d) for c in factors]}
+    stacked = spectrum.stacked_spectra(factors, stacking_schedule(n))
+    entry["stacked"] = [{"n_prompts": k, **spectrum_entry(s, d)} for k, s, _ in stacked]
+    if n >= 2:
+        half = n // 2
+        last = lambda fs: list(spectrum.stack_factors(fs))[-1]  # noqa: E731
+        entry["principal_angles"] = {"set_a": list(range(half)), "set_b": list(range(half, n)),
+                                     **principal_angle_entry(last(factors[:half]), last(factors[half:]), d)}
+    if vector is not None:
+        entry["orthogonal_null_fraction"] = orthogonal_fraction_entry(factors, stacked[-1][2], vector, seed)
+    return entry
+
+
+def analyze_layer_lanczos(lm: LanguageModel, batch: TokenBatch, layer: int, k: int, observable: str = "logits",
+                          positions: str = "last", seed: int = 0) -> dict:
+    """Matrix-free study of one layer: top-k singular values per prompt (Golub-Kahan) and of the stacked
+    operator (Lanczos on sum J_i^T J_i). Ranks counted within the top k are lower bounds when every one
+    of the k values passes the threshold; null dims are then unknown (null)."""
+    op = jacobian_operator(lm, batch, layer, observable, positions)
+    d = lm.d
+
+    def truncated_entry(s: Sequence[float]) -> dict:
+        s = np.sort(np.asarray(s, np.float64))[::-1]
+        ranks = {spectrum.eps_key(e): spectrum.numerical_rank(s, e) for e in spectrum.RANK_EPS}
+        return {"singular_values": s, "sigma_max": float(s[0]), "top_k": len(s),
+                "effective_rank": {"numerical_lower_bound": ranks},
+                "null_dim": {key: (d - r if r < len(s) else None) for key, r in ranks.items()}}
+
+    entry = {"layer": layer, "per_prompt": [truncated_entry(op.top_singular(k, prompt=i, seed=seed).s)
+                                            for i in range(op.num_prompts)]}
+    entry["stacked"] = [{"n_prompts": n, **truncated_entry(op.top_stacked(k, n_prompts=n, seed=seed).s)}
+                        for n in stacking_schedule(op.num_prompts)]
+    return entry

@@ -1,0 +1,64 @@
+"""Result files: atomic JSON writes (a killed run never leaves a half-written file) and run metadata."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def to_jsonable(obj: Any) -> Any:
+    """numpy / jax scalars and arrays -> plain Python for json."""
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):
+        return to_jsonable(np.asarray(obj).tolist())
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    """Write JSON to a temp file in the same folder, fsync, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(to_jsonable(data), f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: str | os.PathLike) -> Any | None:
+    """Parsed JSON, or None if the file does not exist."""
+    path = Path(path)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def run_metadata() -> dict[str, Any]:
+    """Versions and environment recorded with every result file."""
+    import flax
+    import jax
+
+    import steerjax
+
+    return {
+        "steerjax": steerjax.__version__, "jax": jax.__version__, "flax": flax.__version__,
+        "numpy": np.__version__, "python": sys.version.split()[0], "platform": platform.platform(),
+        "backend": jax.default_backend(), "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "argv": sys.argv,
+    }
