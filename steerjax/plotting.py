@@ -68,7 +68,8 @@ def plot_stacked_null_dims(result: dict, path: Path) -> None:
                 ax.plot(*zip(*pts), marker="o", color=color, label=f"layer {entry['layer']}")
         ax.set(xscale="log", xlabel="number of stacked prompts N", ylabel="null dimension",
                title=f"eps = {eps}")
-    axes[0][0].legend(fontsize=7)
+    if axes[0][0].get_legend_handles_labels()[0]:
+        axes[0][0].legend(fontsize=7)
     fig.suptitle("Null dimension of the stacked Jacobian [J_1; ...; J_N]")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
