@@ -36,11 +36,15 @@ def param_dtype(params) -> jnp.dtype:
     return params["embed"].dtype
 
 
+def merged_block(config: ModelConfig, block_params) -> DecoderBlock:
+    """A DecoderBlock module bound to one layer's pure-dict params (inside traced code)."""
+    dtype_name = jax.tree.leaves(block_params)[0].dtype.name
+    return nnx.merge(block_graphdef(config, dtype_name), nnx.State(block_params))
+
+
 def apply_block(config: ModelConfig, block_params, h, cos, sin, mask, kv_prefix=None):
     """One decoder block from its pure-dict params: h (B, T, d) -> (h_next, (k, v))."""
-    dtype_name = jax.tree.leaves(block_params)[0].dtype.name
-    block = nnx.merge(block_graphdef(config, dtype_name), nnx.State(block_params))
-    return block(h, cos, sin, mask, kv_prefix)
+    return merged_block(config, block_params)(h, cos, sin, mask, kv_prefix)
 
 
 def final_norm(config: ModelConfig, params, h):
@@ -74,58 +78,52 @@ def causal_mask(attention_mask: jax.Array) -> jax.Array:
     return causal[None] & attention_mask.astype(bool)[:, None, :]
 
 
-def layer_params(params, layer: int):
-    """Pure-dict params of block `layer` (static int)."""
-    return jax.tree.map(lambda x: x[layer], params["blocks"])
+def steer_at(index, steer_layer, steer_delta):
+    """steer_delta where index == steer_layer (traced ints), else zeros."""
+    return jnp.where(index == steer_layer, steer_delta, jnp.zeros_like(steer_delta))
 
 
-def run_blocks(config, params, h, cos, sin, mask, steer_layer, steer_delta, return_hidden: bool):
+def embed_inputs(config: ModelConfig, params, ids, attention_mask):
+    """h_0 (B, T, d), RoPE tables (B, T, h) and the causal mask (B, T, T) for left-padded ids."""
+    dtype = param_dtype(params)
+    inv_freq = jnp.asarray(rope_inv_freq(config), jnp.promote_types(dtype, jnp.float32))
+    cos, sin = rope_cos_sin(inv_freq, positions_from_mask(attention_mask), dtype)
+    return params["embed"][ids], cos, sin, causal_mask(attention_mask)
+
+
+def run_blocks(config, params, h, cos, sin, mask, steer_layer, steer_delta):
     """Blocks 0..L-1 on h_0 (B, T, d), adding steer_delta (B, T, d) to h_l when l == steer_layer
     (traced int; L steers the final-norm input, -1 steers nothing).
-    Returns h_L and, if return_hidden, the stacked entering states (L, B, T, d)."""
+    Returns h_L, the entering states (L, B, T, d) and per-layer keys, values (L, B, T, K, h) each
+    (unused outputs cost nothing under jit)."""
 
     def step(h, xs):
         block_params, index = xs
-        h = h + jnp.where(index == steer_layer, steer_delta, jnp.zeros_like(steer_delta))
-        h_next, _ = apply_block(config, block_params, h, cos, sin, mask)
-        return h_next, (h if return_hidden else None)
+        h = h + steer_at(index, steer_layer, steer_delta)
+        h_next, kv = apply_block(config, block_params, h, cos, sin, mask)
+        return h_next, (h, kv)
 
     indices = jnp.arange(config.num_layers)
-    h_final, hidden = jax.lax.scan(step, h, (params["blocks"], indices))
-    h_final = h_final + jnp.where(steer_layer == config.num_layers, steer_delta, jnp.zeros_like(steer_delta))
-    return h_final, hidden
+    h_final, (hidden, (keys, values)) = jax.lax.scan(step, h, (params["blocks"], indices))
+    return h_final + steer_at(config.num_layers, steer_layer, steer_delta), hidden, keys, values
 
 
 def forward(config: ModelConfig, params, ids, attention_mask, steer_layer, steer_delta, return_hidden: bool):
     """Full causal-LM pass. ids, attention_mask (B, T) int; steer_delta (B, T, d).
     Returns logits (B, T, V) and hidden (L + 1, B, T, d) or None."""
-    dtype = param_dtype(params)
-    h = params["embed"][ids]
-    inv_freq = jnp.asarray(rope_inv_freq(config), jnp.promote_types(dtype, jnp.float32))
-    cos, sin = rope_cos_sin(inv_freq, positions_from_mask(attention_mask), dtype)
-    mask = causal_mask(attention_mask)
-    h_final, hidden = run_blocks(config, params, h, cos, sin, mask, steer_layer,
-                                 steer_delta.astype(dtype), return_hidden)
+    h, cos, sin, mask = embed_inputs(config, params, ids, attention_mask)
+    h_final, hidden, _, _ = run_blocks(config, params, h, cos, sin, mask, steer_layer,
+                                       steer_delta.astype(h.dtype))
     logits = logits_from_final_hidden(config, params, h_final)
-    if return_hidden:
-        hidden = jnp.concatenate([hidden, h_final[None]], axis=0)
-    return logits, hidden
+    return logits, (jnp.concatenate([hidden, h_final[None]], axis=0) if return_hidden else None)
 
 
-def forward_with_cache(config: ModelConfig, params, ids, attention_mask):
-    """Unsteered pass that also returns what a later pass needs to re-run any tail of blocks:
+def forward_with_cache(config: ModelConfig, params, ids, attention_mask, steer_layer=-1, steer_delta=None):
+    """Pass that also returns what a later pass needs to re-run any tail of blocks or continue decoding:
     hidden (L + 1, B, T, d), per-layer keys and values (L, B, T, K, h) each, and cos/sin (B, T, h)."""
-    dtype = param_dtype(params)
-    h = params["embed"][ids]
-    inv_freq = jnp.asarray(rope_inv_freq(config), jnp.promote_types(dtype, jnp.float32))
-    cos, sin = rope_cos_sin(inv_freq, positions_from_mask(attention_mask), dtype)
-    mask = causal_mask(attention_mask)
-
-    def step(h, block_params):
-        h_next, kv = apply_block(config, block_params, h, cos, sin, mask)
-        return h_next, (h, kv)
-
-    h_final, (hidden, (keys, values)) = jax.lax.scan(step, h, params["blocks"])
+    h, cos, sin, mask = embed_inputs(config, params, ids, attention_mask)
+    delta = jnp.zeros_like(h) if steer_delta is None else steer_delta.astype(h.dtype)
+    h_final, hidden, keys, values = run_blocks(config, params, h, cos, sin, mask, steer_layer, delta)
     return jnp.concatenate([hidden, h_final[None]], axis=0), keys, values, cos, sin
 
 

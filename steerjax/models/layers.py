@@ -83,17 +83,17 @@ class Attention(nnx.Module):
         self.v_proj = _linear(d, config.num_kv_heads * h, config.qkv_bias, dtype, rngs)
         self.o_proj = _linear(config.num_heads * h, d, config.o_bias, dtype, rngs)
 
-    def __call__(self, x, cos, sin, mask, kv_prefix=None):
-        """x (B, T, d); cos/sin (B, T, h); mask (B, T, S) bool, True = may attend;
-        kv_prefix: optional cached (k, v), each (B, S - T, K, h).
-        Returns output (B, T, d) and this call's full (k, v), each (B, S, K, h)."""
+    def project_qkv(self, x, cos, sin):
+        """Rotated queries (B, T, H, h) and keys, values (B, T, K, h) of x (B, T, d)."""
         B, T, _ = x.shape
         q = apply_rope(self.q_proj(x).reshape(B, T, self.num_heads, self.head_dim), cos, sin)
         k = apply_rope(self.k_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
-        if kv_prefix is not None:
-            k = jnp.concatenate([kv_prefix[0], k], axis=1)
-            v = jnp.concatenate([kv_prefix[1], v], axis=1)
+        return q, k, v
+
+    def attend(self, q, k, v, mask):
+        """Softmax attention of q (B, T, H, h) over k, v (B, S, K, h) with mask (B, T, S) -> (B, T, d)."""
+        B, T = q.shape[:2]
         groups = self.num_heads // self.num_kv_heads
         q = q.reshape(B, T, self.num_kv_heads, groups, self.head_dim)
         scores = jnp.einsum("btkgh,bskh->bkgts", q, k, precision=HIGHEST) / math.sqrt(self.head_dim)
@@ -101,7 +101,25 @@ class Attention(nnx.Module):
         scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(scores.dtype).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bkgts,bskh->btkgh", probs, v, precision=HIGHEST)
-        return self.o_proj(out.reshape(B, T, self.num_heads * self.head_dim)), (k, v)
+        return self.o_proj(out.reshape(B, T, self.num_heads * self.head_dim))
+
+    def __call__(self, x, cos, sin, mask, kv_prefix=None):
+        """x (B, T, d); cos/sin (B, T, h); mask (B, T, S) bool, True = may attend;
+        kv_prefix: optional cached (k, v), each (B, S - T, K, h).
+        Returns output (B, T, d) and this call's full (k, v), each (B, S, K, h)."""
+        q, k, v = self.project_qkv(x, cos, sin)
+        if kv_prefix is not None:
+            k = jnp.concatenate([kv_prefix[0], k], axis=1)
+            v = jnp.concatenate([kv_prefix[1], v], axis=1)
+        return self.attend(q, k, v, mask), (k, v)
+
+    def decode(self, x, cos, sin, mask, cache_k, cache_v, slot):
+        """One KV-cache step: x (B, 1, d) is written to cache slot `slot` (traced int) of the
+        preallocated caches (B, S, K, h), then attends over the cache with mask (B, 1, S)."""
+        q, k, v = self.project_qkv(x, cos, sin)
+        cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, slot, 0, 0))
+        cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, slot, 0, 0))
+        return self.attend(q, cache_k, cache_v, mask), (cache_k, cache_v)
 
 
 class MLP(nnx.Module):
@@ -130,5 +148,12 @@ class DecoderBlock(nnx.Module):
     def __call__(self, h, cos, sin, mask, kv_prefix=None):
         """h (B, T, d) -> (h_next (B, T, d), (k, v))."""
         attn_out, kv = self.self_attn(self.input_layernorm(h), cos, sin, mask, kv_prefix)
-        h = h + attn_out
-        return h + self.mlp(self.post_attention_layernorm(h)), kv
+        return self.residual_mlp(h + attn_out), kv
+
+    def decode(self, h, cos, sin, mask, cache_k, cache_v, slot):
+        """One KV-cache step for h (B, 1, d); see Attention.decode. -> (h_next, (cache_k, cache_v))."""
+        attn_out, caches = self.self_attn.decode(self.input_layernorm(h), cos, sin, mask, cache_k, cache_v, slot)
+        return self.residual_mlp(h + attn_out), caches
+
+    def residual_mlp(self, h):
+        return h + self.mlp(self.post_attention_layernorm(h))
