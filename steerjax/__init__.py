@@ -5,13 +5,14 @@ from steerjax.errors import (InputError, ModelNotFoundError, SteeringError, Stee
 from steerjax.model import ForwardOutput, LanguageModel, TokenBatch, load_model
 from steerjax.jacobian import JacobianOperator, jacobian, jacobian_operator
 from steerjax.extraction import extract_vector
+from steerjax.generation import GenerationOutput, generate, generated_texts
 from steerjax.models.config import ModelConfig
 from steerjax.steering import POSITION_MODES, Steer
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ForwardOutput", "extract_vector", "InputError", "JacobianOperator", "jacobian", "jacobian_operator", "LanguageModel", "ModelConfig", "ModelNotFoundError", "POSITION_MODES",
+    "ForwardOutput", "extract_vector", "GenerationOutput", "generate", "generated_texts", "InputError", "JacobianOperator", "jacobian", "jacobian_operator", "LanguageModel", "ModelConfig", "ModelNotFoundError", "POSITION_MODES",
     "Steer", "SteeringError", "SteerjaxError", "TokenBatch", "UnsupportedModelError", "WeightError",
     "load_model",
 ]

@@ -140,12 +140,14 @@ class LanguageModel:
                              f"{self.config.max_position_embeddings}")
 
     def forward(self, ids, steer: Steer | None = None, attention_mask=None,
-                return_hidden: bool = False) -> ForwardOutput:
+                return_hidden: bool = False, prompt_len: int | None = None) -> ForwardOutput:
         """Run the model on ids ((T,), (B, T), ragged lists or a TokenBatch), optionally steered.
+        prompt_len: where the prompt ends, for sequences that include generated tokens (default: all of T
+        is prompt); it decides which slots the steering position modes cover.
         Returns ForwardOutput(logits (B, T, V), hidden list of L + 1 arrays (B, T, d) or None)."""
         batch = as_token_batch(ids, attention_mask)
         self.check_ids(batch)
-        layer, delta = self.steer_inputs(steer, batch)
+        layer, delta = self.steer_inputs(steer, batch, prompt_len)
         fn = causal_lm.jitted_forward(self.config, bool(return_hidden))
         logits, hidden = fn(self.params, jnp.asarray(batch.ids), jnp.asarray(batch.attention_mask), layer, delta)
         return ForwardOutput(logits, list(hidden) if return_hidden else None)
