@@ -36,18 +36,24 @@ class GenerationOutput(NamedTuple):
     logits: Any = None
 
 
-def sample_token(logits, key, temperature, top_p):
-    """One token per row from logits (B, V): greedy where temperature == 0, else nucleus sampling."""
-    greedy = jnp.argmax(logits, axis=-1)
-    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)
+def nucleus_sample(logits, key, temperature, top_p):
+    """Sample from softmax(logits / temperature) restricted to the smallest top set of mass >= top_p."""
+    scaled = logits / temperature
     sorted_logits = jnp.sort(scaled, axis=-1)[:, ::-1]
     sorted_probs = jax.nn.softmax(sorted_logits, axis=-1)
     mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
     kept = jnp.where(mass_before < top_p, sorted_logits, -jnp.inf)
     threshold = jnp.min(jnp.where(jnp.isfinite(kept), kept, jnp.inf), axis=-1, keepdims=True)
     filtered = jnp.where(scaled >= threshold, scaled, -jnp.inf)
-    sampled = jax.vmap(jax.random.categorical)(key, filtered)
-    return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+    return jax.vmap(jax.random.categorical)(key, filtered).astype(jnp.int32)
+
+
+def sample_token(logits, key, temperature, top_p):
+    """One token per row from logits (B, V): greedy where temperature == 0 (the sort for nucleus
+    sampling is then skipped), else nucleus sampling with per-row keys (B, 2)."""
+    return jax.lax.cond(temperature > 0, nucleus_sample,
+                        lambda logits, *_: jnp.argmax(logits, axis=-1).astype(jnp.int32),
+                        logits, key, jnp.maximum(temperature, 1e-6), top_p)
 
 
 def decode_step(config: ModelConfig, params, token, slot, position, cache_k, cache_v, key_mask, steer_layer, delta):
