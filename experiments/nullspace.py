@@ -94,7 +94,7 @@ def settings_key(args, prompts_ids) -> dict:
             "seed": args.seed, "prompt_token_ids": prompts_ids}
 
 
-def summary_row(entry: dict, d: int) -> dict:
+def summary_row(entry: dict) -> dict:
     pp = entry["per_prompt"]
     med = lambda f: float(np.median([f(p) for p in pp]))  # noqa: E731
     row = {"layer": entry["layer"], "sigma_max": med(lambda p: p["sigma_max"])}
@@ -176,7 +176,7 @@ def run(args) -> dict:
     print(f"{result['model_name']}: d={lm.d}, L={lm.num_layers}, {len(prompts)} prompts, observable "
           f"{args.observable}, {args.method}, {args.dtype} (noise floor {result['noise_floor']:.1e} of sigma_max)")
     print("medians over prompts; null@eps = d - #{sigma > eps sigma_max}")
-    print(format_table([summary_row(e, lm.d) for e in result["layers"]]))
+    print(format_table([summary_row(e) for e in result["layers"]]))
     print(f"wrote {json_path} and 3 PNG plots in {time.time() - t0:.0f} s")
     return result
 

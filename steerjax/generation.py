@@ -22,7 +22,7 @@ from steerjax.model import LanguageModel, as_token_batch
 from steerjax.models import causal_lm
 from steerjax.models.config import ModelConfig
 from steerjax.models.layers import rope_cos_sin, rope_inv_freq
-from steerjax.steering import POSITION_MODES, Steer, position_mask
+from steerjax.steering import Steer, position_mask
 
 
 class GenerationOutput(NamedTuple):

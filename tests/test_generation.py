@@ -11,7 +11,6 @@ import torch
 
 import steerjax as sj
 from conftest import build_hf_model, rel_err
-from hf_reference import hf_steering_hook
 from steerjax.generation import generate_pure, row_keys, sample_token
 from steerjax.steering import position_mask
 

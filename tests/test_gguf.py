@@ -9,10 +9,9 @@ import torch
 
 import steerjax as sj
 from conftest import build_hf_model, rel_err, random_ids
-from gguf_writer import write_gguf
+from gguf_writer import llama_cpp_permute, write_gguf
 from hf_reference import hf_forward
 from steerjax.models.loading import unpermute_rope_rows
-from gguf_writer import llama_cpp_permute
 
 DEFAULT_ROPE = {"rope_type": "default", "rope_theta": 10000.0}
 

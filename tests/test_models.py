@@ -8,7 +8,6 @@ import shutil
 import jax
 import numpy as np
 import pytest
-import torch
 
 import steerjax as sj
 from conftest import TINY_CONFIGS, rel_err, random_ids
