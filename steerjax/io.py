@@ -37,6 +37,9 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
             json.dump(to_jsonable(data), f, indent=1)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the result file normal permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
