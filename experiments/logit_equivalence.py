@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 import steerjax as sj
+from steerjax.cli import run_cli
 from steerjax import data, io, stats, studies
 
 KINDS = ("orthogonal", "random", "kernel")          # additive, ||delta|| = ||v||
@@ -260,13 +261,7 @@ def print_tables(result: dict) -> None:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        run(args)
-    except sj.SteerjaxError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(parse_args, run, argv)
 
 
 if __name__ == "__main__":
