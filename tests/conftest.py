@@ -90,6 +90,18 @@ def smollm2_hf():
                                                 attn_implementation="eager", dtype=torch.float32).eval()
 
 
+def load_experiment(name: str):
+    """Import experiments/<name>.py as a module (the scripts are not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_cli", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def rel_err(a, b) -> float:
     """max |a - b| / max |b| (the tolerance measure used throughout the tests)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)

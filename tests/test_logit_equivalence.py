@@ -5,30 +5,19 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import steerjax as sj
+from conftest import load_experiment
 from steerjax import studies
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_cli():
-    spec = importlib.util.spec_from_file_location("logit_equivalence_cli", ROOT / "experiments" / "logit_equivalence.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.fixture
 def cli(monkeypatch, smollm2):
     monkeypatch.setattr(sj, "load_model", lambda spec=None, dtype="float32": smollm2)
-    return load_cli()
+    return load_experiment("logit_equivalence")
 
 
 def cosine(a, b) -> float:

@@ -2,30 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import steerjax as sj
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_cli():
-    spec = importlib.util.spec_from_file_location("nullspace_cli", ROOT / "experiments" / "nullspace.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+from conftest import load_experiment
 
 @pytest.fixture
 def cli(monkeypatch, smollm2):
     """The CLI with model loading served from the session's SmolLM2 (saves ~15 s per run)."""
     monkeypatch.setattr(sj, "load_model", lambda spec, dtype="float32": smollm2)
-    return load_cli()
+    return load_experiment("nullspace")
 
 
 def test_exact_run_writes_contract_json_plots_and_resumes(cli, tmp_path, capsys, smollm2):
