@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 
 import steerjax as sj
+from steerjax.cli import run_cli
 from steerjax import data, geometry, io, plotting
-from steerjax.extraction import extract_vector
+from steerjax.extraction import last_token_states_all_layers, vector_from_states
 from steerjax.jacobian import JACOBIAN_POSITIONS, OBSERVABLES
 
 
@@ -152,11 +153,14 @@ def run(args) -> dict:
     if done:
         print(f"resuming: {len(result['layers'])} finished layer(s) found in {json_path}", file=sys.stderr)
     pairs = data.geometry_prompts()["direction_pairs"]
+    if args.method == "exact":  # the direction v at every layer, from one forward pass per side
+        pos_states = last_token_states_all_layers(lm, pairs["positive"])
+        neg_states = last_token_states_all_layers(lm, pairs["negative"])
     todo = [l for l in layers if l not in done]
     for layer in tqdm(todo, desc="layers", unit="layer", file=sys.stderr):
         t_layer = time.time()
         if args.method == "exact":
-            v = extract_vector(lm, pairs["positive"], pairs["negative"], layer)
+            v = vector_from_states(pos_states[layer], neg_states[layer])
             entry = geometry.analyze_layer_exact(lm, batch, layer, args.observable, args.positions, v, args.seed)
             entry["vector"] = {"source": f"mean_diff of built-in {pairs['trait']} pairs at this layer",
                                "norm": float(np.linalg.norm(v))}
@@ -182,13 +186,7 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        run(args)
-    except sj.SteerjaxError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(parse_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -12,12 +12,17 @@ from steerjax.model import LanguageModel
 EXTRACTION_METHODS = ("mean_diff", "pca")
 
 
+def last_token_states_all_layers(lm: LanguageModel, prompts: Sequence[str], chat: bool = False) -> np.ndarray:
+    """h_l at the last token of each prompt for every layer l = 0..L, (L + 1, N, d) float64."""
+    out = lm.forward(lm.tokenize(list(prompts), chat=chat), return_hidden=True)
+    return np.stack([np.asarray(h[:, -1], np.float64) for h in out.hidden])
+
+
 def last_token_states(lm: LanguageModel, prompts: Sequence[str], layer: int, chat: bool = False) -> np.ndarray:
     """h_layer at the last token of each prompt, (N, d) float64."""
     if not 0 <= layer <= lm.num_layers:
         raise SteeringError(f"layer {layer} is outside [0, {lm.num_layers}]")
-    out = lm.forward(lm.tokenize(list(prompts), chat=chat), return_hidden=True)
-    return np.asarray(out.hidden[layer][:, -1], np.float64)
+    return last_token_states_all_layers(lm, prompts, chat)[layer]
 
 
 def vector_from_states(pos: np.ndarray, neg: np.ndarray, method: str = "mean_diff") -> np.ndarray:
