@@ -36,8 +36,19 @@ class GenerationOutput(NamedTuple):
     logits: Any = None
 
 
+def categorical_sample(logits, key, temperature):
+    """Sample from softmax(logits / temperature) with per-row keys (B, 2)."""
+    return jax.vmap(jax.random.categorical)(key, logits / temperature).astype(jnp.int32)
+
+
 def nucleus_sample(logits, key, temperature, top_p):
-    """Sample from softmax(logits / temperature) restricted to the smallest top set of mass >= top_p."""
+    """Sample from softmax(logits / temperature) restricted to the smallest top set of mass >= top_p.
+    top_p >= 1 skips the vocabulary sort (the nucleus is then the whole vocabulary)."""
+    return jax.lax.cond(top_p < 1.0, _nucleus_sample_sorted, lambda lg, k, t, _: categorical_sample(lg, k, t),
+                        logits, key, temperature, top_p)
+
+
+def _nucleus_sample_sorted(logits, key, temperature, top_p):
     scaled = logits / temperature
     sorted_logits = jnp.sort(scaled, axis=-1)[:, ::-1]
     sorted_probs = jax.nn.softmax(sorted_logits, axis=-1)
