@@ -20,7 +20,6 @@ h[L//2 + 1] (the released code's off-by-one). Writes DIR/logit_equivalence.json,
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import time
 from pathlib import Path
@@ -189,19 +188,11 @@ def run(args) -> dict:
     result["seconds_total"] = time.time() - t0
     out_dir = Path(args.out)
     io.write_json_atomic(out_dir / "logit_equivalence.json", result)
-    write_csv(result["rows"], out_dir / "logit_equivalence.csv")
+    io.write_csv(result["rows"], out_dir / "logit_equivalence.csv")
     plot_kl(result, out_dir / "kl_by_kind.png")
     print_tables(result)
     print(f"wrote {out_dir / 'logit_equivalence.json'}, .csv and kl_by_kind.png in {time.time() - t0:.0f} s")
     return result
-
-
-def write_csv(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def plot_kl(result: dict, path: Path) -> None:

@@ -17,3 +17,55 @@ def run_cli(parse_args: Callable[[Any], Any], run: Callable[[Any], Any], argv=No
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def add_study_arguments(p, *, n_prompts: int, samples: int, max_new_tokens: int, traits: str = "all") -> None:
+    """Arguments shared by the behavioural study scripts (orthogonal, scale_invariance, environments)."""
+    from steerjax import data, studies
+
+    p.add_argument("--model", default=None, help="model spec (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--protocol", choices=studies.PROTOCOLS, default="corrected",
+                   help="corrected (default) or paper (the released code's choices, see docs/results.md)")
+    p.add_argument("--traits", default=traits, help=f"'all' or a comma list of {','.join(data.TRAITS)}")
+    p.add_argument("--n-prompts", type=int, default=n_prompts, help=f"evaluation prompts (default {n_prompts})")
+    p.add_argument("--samples", type=int, default=samples, help=f"samples per prompt (default {samples})")
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                   help=f"tokens generated per sample (default {max_new_tokens})")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default 0.8, > 0)")
+    p.add_argument("--probe", choices=("lexical", "model"), default="lexical",
+                   help="trait scorer: lexical heuristic (default, as the paper) or the model's own log-prob probe")
+    p.add_argument("--read-layer", type=int, default=None, help="extraction layer (default L // 2)")
+    p.add_argument("--seed", type=int, default=0, help="base random seed (directions and sampling)")
+    p.add_argument("--fresh", action="store_true", help="discard finished units in --out instead of resuming")
+
+
+def check_study_arguments(p, args) -> None:
+    """Validate the shared arguments in place (traits -> list); errors go through argparse (exit 2)."""
+    import math
+
+    from steerjax import data
+
+    args.traits = list(data.TRAITS) if args.traits == "all" else [t.strip() for t in args.traits.split(",") if t.strip()]
+    bad = [t for t in args.traits if t not in data.TRAITS]
+    if bad or not args.traits:
+        p.error(f"unknown trait(s) {bad}; choose from {', '.join(data.TRAITS)} or 'all'")
+    for name in ("n_prompts", "samples", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.n_prompts * args.samples < 2:
+        p.error("need at least 2 rows (--n-prompts x --samples) per condition for effect sizes")
+    if not (math.isfinite(args.temperature) and args.temperature > 0):
+        p.error(f"--temperature must be finite and > 0, got {args.temperature}")
+
+
+def parse_floats(p, text: str, name: str) -> list[float]:
+    """A comma list of finite numbers, or an argparse error naming the flag."""
+    import math
+
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"{name} must be a comma list of numbers, got {text!r}")
+    if not values or not all(math.isfinite(v) for v in values):
+        p.error(f"{name} must be a non-empty comma list of finite numbers, got {text!r}")
+    return values

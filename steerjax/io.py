@@ -65,3 +65,60 @@ def run_metadata() -> dict[str, Any]:
         "backend": jax.default_backend(), "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "argv": sys.argv,
     }
+
+
+def _normalised(obj: Any) -> Any:
+    """obj as it reads back from JSON (tuples -> lists, numpy -> Python)."""
+    return json.loads(json.dumps(to_jsonable(obj)))
+
+
+class UnitStore:
+    """Finished work units of a long run, in one JSON file {"settings", "units": {key: unit}, "meta"}
+    rewritten atomically after every unit. Reopening with the same settings resumes (finished keys are
+    skipped); different settings raise unless `fresh`, so finished work is never silently overwritten."""
+
+    def __init__(self, path: str | os.PathLike, settings: Any, fresh: bool = False, meta: Any = None):
+        from steerjax.errors import InputError
+
+        self.path = Path(path)
+        self.settings = _normalised(settings)
+        self.meta = meta
+        previous = None if fresh else read_json(self.path)
+        if previous is not None and previous.get("settings") != self.settings:
+            raise InputError(f"{self.path} holds units of a run with different settings; pass --fresh to "
+                             f"overwrite it, or choose another --out")
+        self.units: dict[str, Any] = dict(previous["units"]) if previous is not None else {}
+        self.resumed = len(self.units)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.units
+
+    def __getitem__(self, key: str) -> Any:
+        return self.units[key]
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    def put(self, key: str, unit: Any) -> None:
+        self.units[key] = _normalised(unit)
+        write_json_atomic(self.path, {"settings": self.settings, "units": self.units, "meta": self.meta})
+
+
+def write_csv(rows: list[dict], path: str | os.PathLike) -> None:
+    """Rows (dicts with the same keys) as a CSV file with a header, written atomically."""
+    import csv
+    import io as _io
+
+    if not rows:
+        raise ValueError("write_csv needs at least one row")
+    buf = _io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", newline="") as f:
+        f.write(buf.getvalue())
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)

@@ -116,6 +116,18 @@ def cohens_d(a, b) -> float:
     return float((a.mean() - b.mean()) / sp)
 
 
+def paper_cohens_d(a, b) -> float:
+    """The seed paper's released-code Cohen's d: |mean(a) - mean(b)| / sqrt((var_a + var_b) / 2) with
+    population variances (ddof=0), unsigned. Kept for `--protocol paper` only; prefer `cohens_d`.
+
+    a: (na,), b: (nb,), each n >= 2. Raises if both samples are constant."""
+    a, b = _sample(a, "a", 2), _sample(b, "b", 2)
+    s = float(np.sqrt((a.var() + b.var()) / 2.0))
+    if s == 0.0:
+        raise InputError("Cohen's d is undefined: both samples are constant (SD = 0)")
+    return float(abs(a.mean() - b.mean()) / s)
+
+
 def hedges_correction(df: float) -> float:
     """Exact small-sample bias correction J(df) = Gamma(df/2) / (sqrt(df/2) Gamma((df-1)/2)), df > 1.
 

@@ -31,16 +31,25 @@ class StudyProtocol:
     steer_offset: int
     positions: str = "last"
     description: str = ""
+    # behavioural studies (steerjax.behaviour): what is scored and how conditions are compared
+    score_prompt: bool = False          # score prompt + generated text (paper) or generated text only
+    paired_sampling: bool = True        # every condition reuses the same per-row PRNG keys (common random
+                                        # numbers) instead of fresh sampling noise per condition (paper)
+    effect_size: str = "cohens_d"       # "cohens_d" (pooled, ddof 1, signed) | "paper_cohens_d" (ddof 0)
+    efficacy: str = "baseline"          # "baseline": (perp - base) / (v - base) | "raw_ratio": |perp| / |v|
 
     @classmethod
     def paper(cls, positions: str = "last") -> "StudyProtocol":
-        """The released code's convention: read h_{L//2}, steer h_{L//2+1} (off by one)."""
+        """The released code's convention: read h_{L//2}, steer h_{L//2+1} (off by one), score the prompt
+        with the generation, fresh sampling noise per condition, ddof-0 d, raw perp-only ratio."""
         return cls("paper", 1, positions, "extract at h[L//2], steer the output of block L//2 (h[L//2+1]): "
-                                          "the released code's off-by-one")
+                                          "the released code's off-by-one", score_prompt=True,
+                   paired_sampling=False, effect_size="paper_cohens_d", efficacy="raw_ratio")
 
     @classmethod
     def corrected(cls, positions: str = "last") -> "StudyProtocol":
-        """Read and steer the same residual stream h_{L//2}."""
+        """Read and steer the same residual stream h_{L//2}; score generated text only; paired sampling;
+        pooled Cohen's d; baseline-subtracted efficacy."""
         return cls("corrected", 0, positions, "extract and steer the same h[L//2]")
 
     @classmethod

@@ -34,6 +34,18 @@ def test_cohens_d_equal_sizes_matches_textbook_formula():
     assert S.cohens_d(a, b) == pytest.approx(ref, rel=1e-12)
 
 
+def test_paper_cohens_d_hand_case_and_relation_to_pooled():
+    a = [1.0, 2.0, 3.0]             # mean 2, population var 2/3
+    b = [4.0, 5.0, 6.0, 7.0, 8.0]   # mean 6, population var 2
+    assert S.paper_cohens_d(a, b) == pytest.approx(4 / math.sqrt((2 / 3 + 2) / 2), rel=1e-12)
+    assert S.paper_cohens_d(b, a) == S.paper_cohens_d(a, b)        # unsigned
+    # equal n: population variances are (n-1)/n of the sample ones, so d_paper = |d| sqrt(n / (n-1))
+    x, y = rng(5).normal(0.2, 1.0, 30), rng(6).normal(0.0, 1.5, 30)
+    assert S.paper_cohens_d(x, y) == pytest.approx(abs(S.cohens_d(x, y)) * math.sqrt(30 / 29), rel=1e-12)
+    with pytest.raises(InputError, match="constant"):
+        S.paper_cohens_d([1.0, 1.0], [1.0, 1.0])
+
+
 def test_cohens_d_shift_and_scale_invariant():
     a, b = rng(3).normal(size=25), rng(4).normal(size=31)
     d = S.cohens_d(a, b)

@@ -1,0 +1,238 @@
+"""Orthogonal perturbation test (the paper's Section 6.2 / Table 1 / Figure 2).
+
+For each trait, v = mean-difference vector of the trait's 50 contrastive pairs at the read layer. Conditions
+(each: every evaluation prompt x --samples sampled continuations, steered at the protocol's steer layer,
+positions "last+generated" as the released code's hook):
+    base          unsteered
+    v             alpha * v
+    v+perp{s}     alpha * (v + v_perp_s), v_perp_s Gaussian Gram-Schmidt'ed against v, ||v_perp_s|| = ||v||
+    perp{s}       alpha * v_perp_s alone                                     (s = 0 .. seeds-1)
+    2v            alpha * 2v: a shift of the same norm ||v|| as v_perp but along v (corrected protocol only:
+                  the positive control that shows whether the test can see a shift of that size at all)
+Per seed: Cohen's d(v, v+perp_s), Pearson r of row-aligned scores, perp-only efficacy; Table 1 reports mean
++- sd over the first n seeds for each n in --seed-counts. The corrected protocol adds d(base, v) (does v
+steer at all?), d(v, 2v), a TOST of v vs the pooled v+perp rows at +-0.2 SD and the minimum detectable d.
+
+Protocols (see steerjax.studies.StudyProtocol): `corrected` (default) extracts and steers h[L//2], scores
+generated text only, reuses each row's sampling key in every condition (paired), pooled Cohen's d,
+baseline-subtracted efficacy. `paper` steers h[L//2 + 1] (the released code's off-by-one), scores prompt +
+generated text, fresh sampling noise per condition, ddof-0 d, raw ratio |perp| / |v|.
+
+Writes DIR/orthogonal_units.json (every condition's texts and scores, saved after each condition; a rerun
+resumes), DIR/orthogonal.json, DIR/orthogonal.csv (Table 1 rows), DIR/perp_only.png (Figure 2) and
+DIR/effect_sizes.png, and prints Table 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import steerjax as sj
+from steerjax import behaviour, cli, data, io, stats, studies
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_study_arguments(p, n_prompts=20, samples=5, max_new_tokens=40)
+    p.add_argument("--seeds", type=int, default=10, help="orthogonal directions per trait (default 10)")
+    p.add_argument("--seed-counts", default="5,10", help="n for the Table 1 rows: mean +- sd over the first n seeds")
+    p.add_argument("--alpha", type=float, default=1.0, help="steering strength (default 1.0, as the paper)")
+    p.add_argument("--quick", action="store_true",
+                   help="preset: 4 prompts x 2 samples, 16 tokens, 3 seeds (n = 2, 3): a smoke run in ~2 min")
+    p.add_argument("--out", default=None, help="output folder (default results/orthogonal_<protocol>)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.n_prompts, args.samples, args.max_new_tokens = min(args.n_prompts, 4), min(args.samples, 2), min(args.max_new_tokens, 16)
+        args.seeds, args.seed_counts = min(args.seeds, 3), "2,3"
+    cli.check_study_arguments(p, args)
+    if args.seeds < 2:
+        p.error(f"--seeds must be >= 2 (Table 1 reports a spread over seeds), got {args.seeds}")
+    counts = cli.parse_floats(p, args.seed_counts, "--seed-counts")
+    if any(c != int(c) or not 2 <= c <= args.seeds for c in counts):
+        p.error(f"--seed-counts must be integers in [2, --seeds={args.seeds}], got {args.seed_counts!r}")
+    args.seed_counts = sorted({int(c) for c in counts})
+    if not np.isfinite(args.alpha) or args.alpha == 0:
+        p.error(f"--alpha must be finite and non-zero, got {args.alpha}")
+    if not 1 <= args.n_prompts <= 100:
+        p.error(f"--n-prompts must be in [1, 100] (the neutral evaluation set has 100), got {args.n_prompts}")
+    args.out = args.out or f"results/orthogonal_{args.protocol}"
+    return args
+
+
+def build_conditions(protocol, vectors, steer_layer, alpha, seeds, base_seed) -> tuple[dict, dict]:
+    """(conditions key -> (layer, vector, alpha), perps trait -> (seeds, d))."""
+    conditions = {"base": (None, None, 0.0)}
+    perps = {}
+    for trait, v in vectors.items():
+        perps[trait] = np.stack([studies.orthogonal_to(v, np.random.default_rng([base_seed, data.TRAITS.index(trait), s]))
+                                 for s in range(seeds)])
+        conditions[f"{trait}/v"] = (steer_layer, v, alpha)
+        if protocol.name == "corrected":
+            conditions[f"{trait}/2v"] = (steer_layer, 2 * v, alpha)
+        for s in range(seeds):
+            conditions[f"{trait}/v+perp{s}"] = (steer_layer, v + perps[trait][s], alpha)
+            conditions[f"{trait}/perp{s}"] = (steer_layer, perps[trait][s], alpha)
+    return conditions, perps
+
+
+def analyse_trait(store, protocol, trait, seeds, seed_counts) -> dict:
+    score = lambda key: behaviour.scores_of(store[key], protocol, trait)  # noqa: E731
+    base, v = score("base"), score(f"{trait}/v")
+    per_seed = []
+    for s in range(seeds):
+        vp, perp = score(f"{trait}/v+perp{s}"), score(f"{trait}/perp{s}")
+        per_seed.append({"seed": s, "d": behaviour.effect_size(protocol, v, vp), "r": behaviour.correlation(v, vp),
+                         "efficacy": behaviour.efficacy(protocol, perp, v, base),
+                         "raw_ratio": behaviour._safe(stats.paper_raw_ratio, perp, v),
+                         "baseline_efficacy": behaviour._safe(stats.perp_only_efficacy, perp, v, base),
+                         "mean_v_plus_perp": float(vp.mean()), "mean_perp": float(perp.mean())})
+    table = [{"trait": trait, "n_seeds": n,
+              **{f"{k}_{stat}": behaviour.mean_sd([r[k] for r in per_seed[:n]])[stat]
+                 for k in ("d", "r", "efficacy") for stat in ("mean", "sd")}} for n in seed_counts]
+    out = {"mean_base": float(base.mean()), "mean_v": float(v.mean()), "sd_v": float(v.std(ddof=1)),
+           "per_seed": per_seed, "table": table,
+           "d_base_vs_v": behaviour._safe(stats.cohens_d, v, base)}
+    pooled = np.concatenate([score(f"{trait}/v+perp{s}") for s in range(seeds)])
+    out["equivalence_v_vs_pooled_v_plus_perp"] = behaviour.equivalence(v, pooled)
+    if f"{trait}/2v" in store:
+        twice = score(f"{trait}/2v")
+        out["mean_2v"] = float(twice.mean())
+        out["d_v_vs_2v"] = behaviour._safe(stats.cohens_d, twice, v)
+        out["equivalence_v_vs_2v"] = behaviour.equivalence(v, twice)
+    return out
+
+
+def run(args) -> dict:
+    t0 = time.time()
+    lm = sj.load_model(args.model)
+    protocol = studies.StudyProtocol.from_name(args.protocol, positions="last+generated")
+    read_layer, steer_layer = studies.protocol_layers(protocol, lm.num_layers, args.read_layer)
+    prompts = data.neutral_eval_prompts()[: args.n_prompts]
+    plan = behaviour.GenerationPlan(tuple(prompts), args.samples, args.max_new_tokens, args.temperature)
+    vectors = behaviour.trait_vectors(lm, args.traits, read_layer)
+    conditions, perps = build_conditions(protocol, vectors, steer_layer, args.alpha, args.seeds, args.seed)
+    settings = {"model": lm.source, "protocol": protocol.name, "read_layer": read_layer, "steer_layer": steer_layer,
+                "positions": protocol.positions, "traits": args.traits, "alpha": args.alpha, "seeds": args.seeds,
+                "seed": args.seed, "plan": plan.__dict__, "probe": args.probe, "quick": args.quick}
+    out_dir = Path(args.out)
+    store = io.UnitStore(out_dir / "orthogonal_units.json", settings, fresh=args.fresh, meta=io.run_metadata())
+    if store.resumed:
+        print(f"resuming: {store.resumed} of {len(conditions)} conditions already done in {store.path}", file=sys.stderr)
+    probes = behaviour.make_probes(args.probe, data.TRAITS, lm)
+    behaviour.run_conditions(lm, plan, conditions, store, probes, protocol, args.seed, desc="orthogonal conditions")
+
+    result = {"model": lm.source, "model_name": Path(lm.source).name, "settings": settings,
+              "protocol": {**protocol.__dict__}, "n_rows_per_condition": plan.n_rows, "seed_counts": args.seed_counts,
+              "vectors": {t: {"norm": float(np.linalg.norm(v)),
+                              "max_abs_cos_perp": float(np.max(np.abs(perps[t] @ v)) / np.linalg.norm(v) ** 2)}
+                          for t, v in vectors.items()},
+              "traits": {t: analyse_trait(store, protocol, t, args.seeds, args.seed_counts) for t in args.traits},
+              "seconds_generation": sum(store[k]["seconds"] for k in conditions), "meta": io.run_metadata()}
+    result["seconds_total"] = time.time() - t0
+    io.write_json_atomic(out_dir / "orthogonal.json", result)
+    io.write_csv([row for t in args.traits for row in result["traits"][t]["table"]], out_dir / "orthogonal.csv")
+    plot_perp_only(result, out_dir / "perp_only.png")
+    plot_effect_sizes(result, out_dir / "effect_sizes.png")
+    print_table(result)
+    print(f"wrote {out_dir}/orthogonal.json, .csv, perp_only.png, effect_sizes.png in {time.time() - t0:.0f} s")
+    return result
+
+
+def _title(result) -> str:
+    s = result["settings"]
+    return (f"{result['model_name']}: {s['protocol']} protocol (read h{s['read_layer']}, steer h{s['steer_layer']}, "
+            f"alpha {s['alpha']:g}, {result['n_rows_per_condition']} samples/condition)")
+
+
+def plot_perp_only(result: dict, path: Path) -> None:
+    """Figure 2: per-seed perp-only efficacy per trait, with the paper's raw ratio beside the
+    baseline-subtracted one."""
+    from steerjax import plotting  # noqa: F401  (Agg backend)
+    import matplotlib.pyplot as plt
+
+    traits = list(result["traits"])
+    fig, ax = plt.subplots(figsize=(1.8 + 2.2 * len(traits), 4))
+    for i, trait in enumerate(traits):
+        seeds = result["traits"][trait]["per_seed"]
+        for j, (key, label, color) in enumerate((("raw_ratio", "paper raw |perp|/|v|", "tab:orange"),
+                                                 ("baseline_efficacy", "(perp - base)/(v - base)", "tab:blue"))):
+            ys = [s[key] for s in seeds if s[key] is not None]
+            xs = i + (j - 0.5) * 0.3 + np.linspace(-0.06, 0.06, len(ys))
+            ax.scatter(xs, ys, color=color, s=18, label=label if i == 0 else None)
+    ax.axhline(1.0, color="red", ls="--", lw=1)
+    ax.axhline(0.0, color="grey", ls=":", lw=1)
+    ax.set(xticks=range(len(traits)), xticklabels=traits, ylabel="perp-only efficacy (per seed)")
+    ax.set_title(_title(result), fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_effect_sizes(result: dict, path: Path) -> None:
+    """Per-seed d(v, v+perp) per trait next to the corrected protocol's controls d(base, v), d(v, 2v)."""
+    from steerjax import plotting  # noqa: F401
+    import matplotlib.pyplot as plt
+
+    traits = list(result["traits"])
+    fig, ax = plt.subplots(figsize=(1.8 + 2.2 * len(traits), 4))
+    for i, trait in enumerate(traits):
+        r = result["traits"][trait]
+        ds = [s["d"] for s in r["per_seed"] if s["d"] is not None]
+        ax.scatter(i + np.linspace(-0.1, 0.1, len(ds)), np.abs(ds), color="tab:blue", s=18,
+                   label="|d(v, v+perp_s)|" if i == 0 else None)
+        if r.get("d_base_vs_v") is not None:
+            ax.scatter([i + 0.25], [abs(r["d_base_vs_v"])], marker="s", color="tab:green",
+                       label="|d(base, v)|" if i == 0 else None)
+        if r.get("d_v_vs_2v") is not None:
+            ax.scatter([i + 0.35], [abs(r["d_v_vs_2v"])], marker="^", color="tab:red",
+                       label="|d(v, 2v)| (positive control)" if i == 0 else None)
+        mdd = r["equivalence_v_vs_pooled_v_plus_perp"]["minimum_detectable_d"]
+        ax.hlines(behaviour.minimum_detectable_d(result["n_rows_per_condition"], result["n_rows_per_condition"]),
+                  i - 0.4, i + 0.4, color="grey", ls=":", label="detectable d, one seed (80% power)" if i == 0 else None)
+        ax.hlines(mdd, i - 0.4, i + 0.4, color="black", ls=":", label="detectable d, pooled seeds" if i == 0 else None)
+    ax.axhline(0.2, color="red", ls="--", lw=1, label="d = 0.2")
+    ax.set(xticks=range(len(traits)), xticklabels=traits, ylabel="|Cohen's d|")
+    ax.set_title(_title(result), fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _pm(m, s, spec=".3f") -> str:
+    if m is None:
+        return "-"
+    return f"{m:{spec}} +- {s:{spec}}" if s is not None else f"{m:{spec}}"
+
+
+def print_table(result: dict) -> None:
+    print(_title(result))
+    eff = "raw |perp|/|v|" if result["protocol"]["efficacy"] == "raw_ratio" else "(perp-base)/(v-base)"
+    print(f"\nTable 1 format: {'trait':<11} {'seeds':>5} {'Cohen d':>16} {'correlation':>16} {'perp-only ' + eff:>24}")
+    for trait, r in result["traits"].items():
+        for row in r["table"]:
+            print(f"{'':<15} {trait:<11} {'n=' + str(row['n_seeds']):>5} {_pm(row['d_mean'], row['d_sd']):>16} "
+                  f"{_pm(row['r_mean'], row['r_sd']):>16} {_pm(row['efficacy_mean'], row['efficacy_sd'], '.1%'):>24}")
+    print("\nmeans and controls:")
+    for trait, r in result["traits"].items():
+        eq = r["equivalence_v_vs_pooled_v_plus_perp"]
+        line = (f"  {trait:<11} base {r['mean_base']:.3f}  v {r['mean_v']:.3f}  d(v vs base) "
+                f"{_pm(r['d_base_vs_v'], None, '+.2f')}  TOST(v, pooled v+perp, +-0.2 SD) p={_pm(eq['tost_p'], None, '.3f')}"
+                f" (detectable d {eq['minimum_detectable_d']:.2f})")
+        if "d_v_vs_2v" in r:
+            line += f"  2v {r['mean_2v']:.3f}, d(2v vs v) {_pm(r['d_v_vs_2v'], None, '+.2f')}"
+        print(line)
+
+
+def main(argv=None) -> int:
+    return cli.run_cli(parse_args, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""Behavioural steering studies (the paper's Section 6): sampled generations under steering conditions,
+probe scores, and the comparisons the paper reports (Cohen's d, correlation, perp-only efficacy), with the
+corrected protocol's additions (unsteered baseline, paired sampling, TOST, power).
+
+A *condition* is one steering setting (layer, vector, alpha) applied to every row of a `GenerationPlan`
+(prompts x samples, prompt-major). `run_conditions` generates and scores the conditions a `UnitStore`
+does not hold yet, saving after each one, so a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+import zlib
+from typing import Mapping, Sequence
+
+import numpy as np
+from scipy import stats as scipy_stats
+
+from steerjax import stats
+from steerjax.errors import InputError
+from steerjax.io import UnitStore
+from steerjax.studies import StudyProtocol
+
+# Instructions that frame an environment prompt in the trait-positive / trait-negative register, used to
+# extract a steering vector *in* an environment (v_env = mean_i h(pos + prompt_i) - h(neg + prompt_i)).
+TRAIT_FRAMINGS: dict[str, tuple[str, str]] = {
+    "formality": ("Respond in a formal, professional register.", "Respond in a casual, colloquial register."),
+    "politeness": ("Respond politely and courteously.", "Respond rudely and dismissively."),
+    "humor": ("Respond in a humorous, joking way.", "Respond in a serious, matter-of-fact way."),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationPlan:
+    """Rows = each prompt repeated `samples_per_prompt` times (prompt-major); sampling settings."""
+
+    prompts: tuple[str, ...]
+    samples_per_prompt: int = 5
+    max_new_tokens: int = 40
+    temperature: float = 0.8
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if not self.prompts or not all(isinstance(p, str) and p.strip() for p in self.prompts):
+            raise InputError("a generation plan needs at least one non-empty prompt")
+        if self.samples_per_prompt < 1:
+            raise InputError(f"samples per prompt must be >= 1, got {self.samples_per_prompt}")
+        if self.max_new_tokens < 1:
+            raise InputError(f"max new tokens must be >= 1, got {self.max_new_tokens}")
+        if not (np.isfinite(self.temperature) and self.temperature > 0):
+            raise InputError(f"behavioural studies sample: temperature must be > 0, got {self.temperature}")
+
+    @property
+    def row_prompts(self) -> list[str]:
+        return [p for p in self.prompts for _ in range(self.samples_per_prompt)]
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.prompts) * self.samples_per_prompt
+
+
+def trait_vectors(lm, traits: Sequence[str], layer: int) -> dict[str, np.ndarray]:
+    """trait -> mean-difference steering vector (d,) float64 of the trait's shipped contrastive pairs."""
+    from steerjax import data
+    from steerjax.extraction import extract_vector
+
+    out = {}
+    for trait in traits:
+        pos, neg = data.trait_pairs(trait)
+        out[trait] = np.asarray(extract_vector(lm, pos, neg, layer, method="mean_diff"), np.float64)
+    return out
+
+
+def framed_pairs(trait: str, prompts: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(positive, negative) texts: each prompt after the trait's positive / negative instruction."""
+    if trait not in TRAIT_FRAMINGS:
+        raise InputError(f"no framing for trait {trait!r}; known: {', '.join(TRAIT_FRAMINGS)}")
+    pos, neg = TRAIT_FRAMINGS[trait]
+    return [f"{pos}\n\n{p}" for p in prompts], [f"{neg}\n\n{p}" for p in prompts]
+
+
+def condition_seed(protocol: StudyProtocol, base_seed: int, key: str) -> int:
+    """Sampling seed of a condition: the base seed for every condition under paired sampling (common
+    random numbers: row r draws the same uniforms in every condition), else a seed derived from the
+    condition's key (independent noise per condition, as the paper's unseeded runs)."""
+    if protocol.paired_sampling:
+        return int(base_seed)
+    return int(zlib.crc32(f"{int(base_seed)}/{key}".encode()) & 0x7FFFFFFF)
+
+
+def generate_condition(lm, plan: GenerationPlan, batch, layer: int | None, vector, alpha: float,
+                       positions: str, seed: int) -> list[str]:
+    """Generated continuations (generated text only, cut at EOS), one per plan row. layer None: unsteered."""
+    from steerjax.generation import generate, generated_texts
+    from steerjax.steering import Steer
+
+    steer = None if layer is None else Steer(int(layer), np.asarray(vector, np.float64), float(alpha), positions)
+    out = generate(lm, batch, steer, max_new_tokens=plan.max_new_tokens, temperature=plan.temperature,
+                   top_p=plan.top_p, seed=seed)
+    return generated_texts(lm, out)
+
+
+def score_rows(probe, row_prompts: Sequence[str], texts: Sequence[str]) -> dict[str, list[float]]:
+    """Probe scores of the generated text alone and of prompt + generated text (the paper's choice)."""
+    return {"generated": probe.score(list(texts)).tolist(),
+            "with_prompt": probe.score([p + t for p, t in zip(row_prompts, texts)]).tolist()}
+
+
+def run_conditions(lm, plan: GenerationPlan, conditions: Mapping[str, tuple], store: UnitStore, probes: Mapping,
+                   protocol: StudyProtocol, base_seed: int, desc: str = "conditions") -> None:
+    """Generate and score every condition not yet in `store`, saving after each.
+
+    conditions: key -> (layer or None, vector (d,) or None, alpha); probes: trait -> Probe (every
+    condition is scored by every probe). Each stored unit: texts, scores {trait: {"generated",
+    "with_prompt"}}, seed, seconds."""
+    from tqdm import tqdm
+
+    todo = [k for k in conditions if k not in store]
+    if not todo:
+        return
+    batch = lm.tokenize(plan.row_prompts)
+    rows = plan.row_prompts
+    bar = tqdm(total=len(conditions), initial=len(conditions) - len(todo), desc=desc, unit="cond", file=sys.stderr)
+    for key in todo:
+        layer, vector, alpha = conditions[key]
+        seed = condition_seed(protocol, base_seed, key)
+        t0 = time.time()
+        texts = generate_condition(lm, plan, batch, layer, vector, alpha, protocol.positions, seed)
+        scores = {trait: score_rows(probe, rows, texts) for trait, probe in probes.items()}
+        store.put(key, {"texts": texts, "scores": scores, "seed": seed, "seconds": time.time() - t0})
+        bar.update(1)
+    bar.close()
+
+
+def scores_of(unit: Mapping, protocol: StudyProtocol, trait: str) -> np.ndarray:
+    """The protocol's `trait` scores of a stored unit (prompt + generated text for the paper protocol)."""
+    return np.asarray(unit["scores"][trait]["with_prompt" if protocol.score_prompt else "generated"], np.float64)
+
+
+# ----------------------------------------------------------------------------- comparisons
+
+def _safe(fn, *args):
+    try:
+        return fn(*args)
+    except InputError:
+        return None
+
+
+def effect_size(protocol: StudyProtocol, a, b) -> float | None:
+    """The protocol's Cohen's d of a vs b (paper: unsigned ddof-0; corrected: signed pooled); None if
+    both samples are constant."""
+    fn = stats.paper_cohens_d if protocol.effect_size == "paper_cohens_d" else stats.cohens_d
+    return _safe(fn, a, b)
+
+
+def efficacy(protocol: StudyProtocol, perp, v, base) -> float | None:
+    """Perp-only efficacy: the paper's raw ratio |mean perp| / |mean v|, or (perp - base) / (v - base)."""
+    if protocol.efficacy == "raw_ratio":
+        return _safe(stats.paper_raw_ratio, perp, v)
+    return _safe(stats.perp_only_efficacy, perp, v, base)
+
+
+def correlation(a, b) -> float | None:
+    """Pearson r of row-aligned scores (None if either is constant)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.std() == 0 or b.std() == 0:
+        return None
+    return float(stats.pearson_r(a, b)[0])
+
+
+def minimum_detectable_d(n_a: int, n_b: int, alpha: float = 0.05, power: float = 0.8) -> float:
+    """Smallest |d| a two-sided two-sample test detects with the given power (normal approximation):
+    (z_{1-alpha/2} + z_power) sqrt(1/n_a + 1/n_b)."""
+    z = scipy_stats.norm.ppf(1 - alpha / 2) + scipy_stats.norm.ppf(power)
+    return float(z * np.sqrt(1.0 / n_a + 1.0 / n_b))
+
+
+def equivalence(a, b, d_margin: float = 0.2) -> dict:
+    """TOST of a vs b with equivalence bounds +-d_margin pooled SDs, the pooled d with its bootstrap 95% CI,
+    and the minimum detectable |d| (80% power)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    out = {"d_margin": d_margin, "n_a": a.size, "n_b": b.size, "minimum_detectable_d": minimum_detectable_d(a.size, b.size)}
+    d = _safe(stats.cohens_d, a, b)
+    if d is None:
+        return {**out, "d": None, "d_ci95": None, "tost_p": None, "equivalent": None}
+    t = stats.tost_ind_d(a, b, d_margin)
+    ci = _safe(stats.cohens_d_ci, a, b, 1000)   # None when too many resamples are constant (tiny samples)
+    return {**out, "d": d, "d_ci95": None if ci is None else list(ci), "tost_p": t.p_value,
+            "equivalent": bool(t.equivalent)}
+
+
+def mean_sd(values: Sequence[float | None]) -> dict:
+    """mean, sd (ddof 1) and n over the non-None values."""
+    x = np.array([v for v in values if v is not None], np.float64)
+    return {"mean": float(x.mean()) if x.size else None, "sd": float(x.std(ddof=1)) if x.size > 1 else None,
+            "n": int(x.size)}
+
+
+def make_probes(kind: str, traits: Sequence[str], lm=None) -> dict:
+    """trait -> Probe of the given kind ("lexical" or "model")."""
+    from steerjax.probes import make_probe
+
+    return {t: make_probe(kind, t, lm=lm if kind == "model" else None) for t in traits}
+
+
+def mean_ci(x, confidence: float = 0.95) -> tuple[float, float, float]:
+    """(mean, lower, upper) t-interval of the mean of x (n >= 2)."""
+    x = np.asarray(x, np.float64)
+    half = scipy_stats.t.ppf(0.5 + confidence / 2, x.size - 1) * x.std(ddof=1) / np.sqrt(x.size)
+    return float(x.mean()), float(x.mean() - half), float(x.mean() + half)

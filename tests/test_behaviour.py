@@ -1,0 +1,163 @@
+"""steerjax.behaviour (generation plans, paired sampling, comparisons), io.UnitStore / write_csv and the
+protocol fields the behavioural studies use. Statistics are checked against scipy / statsmodels."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats
+
+import steerjax as sj
+from steerjax import behaviour, io, stats, studies
+
+PAPER = studies.StudyProtocol.paper("last+generated")
+CORRECTED = studies.StudyProtocol.corrected("last+generated")
+
+
+def test_protocol_fields():
+    assert (PAPER.steer_offset, PAPER.score_prompt, PAPER.paired_sampling) == (1, True, False)
+    assert (PAPER.effect_size, PAPER.efficacy) == ("paper_cohens_d", "raw_ratio")
+    assert (CORRECTED.steer_offset, CORRECTED.score_prompt, CORRECTED.paired_sampling) == (0, False, True)
+    assert (CORRECTED.effect_size, CORRECTED.efficacy) == ("cohens_d", "baseline")
+    assert PAPER.positions == CORRECTED.positions == "last+generated"
+
+
+def test_generation_plan_rows_are_prompt_major():
+    plan = behaviour.GenerationPlan(("a", "b", "c"), samples_per_prompt=2)
+    assert plan.row_prompts == ["a", "a", "b", "b", "c", "c"] and plan.n_rows == 6
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(prompts=()), "prompt"), (dict(prompts=("a", " ")), "prompt"), (dict(samples_per_prompt=0), "samples"),
+    (dict(max_new_tokens=0), "tokens"), (dict(temperature=0.0), "temperature"), (dict(temperature=np.nan), "temperature"),
+])
+def test_generation_plan_rejects_bad_settings(kw, match):
+    with pytest.raises(sj.InputError, match=match):
+        behaviour.GenerationPlan(**{"prompts": ("a",), **kw})
+
+
+def test_condition_seeds_paired_vs_fresh():
+    assert behaviour.condition_seed(CORRECTED, 7, "x/v") == behaviour.condition_seed(CORRECTED, 7, "x/perp0") == 7
+    seeds = {behaviour.condition_seed(PAPER, 7, k) for k in ("base", "x/v", "x/perp0", "x/v+perp0")}
+    assert len(seeds) == 4                                                  # fresh noise per condition
+    assert behaviour.condition_seed(PAPER, 7, "x/v") == behaviour.condition_seed(PAPER, 7, "x/v")  # reproducible
+    assert behaviour.condition_seed(PAPER, 8, "x/v") != behaviour.condition_seed(PAPER, 7, "x/v")
+
+
+def test_framed_pairs():
+    pos, neg = behaviour.framed_pairs("humor", ["P1", "P2"])
+    assert pos == [behaviour.TRAIT_FRAMINGS["humor"][0] + "\n\nP1", behaviour.TRAIT_FRAMINGS["humor"][0] + "\n\nP2"]
+    assert neg[1].endswith("\n\nP2") and neg[1].startswith(behaviour.TRAIT_FRAMINGS["humor"][1])
+    with pytest.raises(sj.InputError, match="trait"):
+        behaviour.framed_pairs("sarcasm", ["P"])
+
+
+# ----------------------------------------------------------------------------- io
+
+def test_unit_store_resumes_refuses_other_settings_and_fresh_resets(tmp_path):
+    path = tmp_path / "units.json"
+    store = io.UnitStore(path, {"a": (1, 2), "x": np.float64(0.5)})
+    assert len(store) == 0 and store.resumed == 0
+    store.put("u1", {"scores": np.arange(3.0)})
+    store.put("u2", {"scores": [4.0]})
+    # tuples / numpy in the settings compare equal to their JSON form
+    again = io.UnitStore(path, {"a": [1, 2], "x": 0.5})
+    assert again.resumed == 2 and "u1" in again and again["u1"]["scores"] == [0.0, 1.0, 2.0]
+    with pytest.raises(sj.InputError, match="different settings.*--fresh"):
+        io.UnitStore(path, {"a": [1, 3], "x": 0.5})
+    assert json.loads(path.read_text())["units"]["u2"] == {"scores": [4.0]}      # the refusal kept the file
+    fresh = io.UnitStore(path, {"a": [1, 3]}, fresh=True)
+    assert len(fresh) == 0
+    fresh.put("v", 1)
+    assert set(json.loads(path.read_text())["units"]) == {"v"}
+
+
+def test_write_csv_round_trip(tmp_path):
+    rows = [{"trait": "humor", "d": 0.25, "n": 5}, {"trait": "formality", "d": None, "n": 10}]
+    io.write_csv(rows, tmp_path / "sub" / "t.csv")
+    with open(tmp_path / "sub" / "t.csv") as f:
+        back = list(csv.DictReader(f))
+    assert back == [{"trait": "humor", "d": "0.25", "n": "5"}, {"trait": "formality", "d": "", "n": "10"}]
+    assert not list((tmp_path / "sub").glob(".*tmp"))
+
+
+# ----------------------------------------------------------------------------- comparisons
+
+def test_effect_size_and_efficacy_follow_the_protocol():
+    rng = np.random.default_rng(0)
+    a, b, base = rng.normal(0.6, 0.1, 50), rng.normal(0.5, 0.1, 50), rng.normal(0.4, 0.1, 50)
+    assert behaviour.effect_size(CORRECTED, b, a) == pytest.approx(stats.cohens_d(b, a))
+    assert behaviour.effect_size(CORRECTED, b, a) < 0
+    assert behaviour.effect_size(PAPER, b, a) == pytest.approx(stats.paper_cohens_d(b, a)) and \
+        behaviour.effect_size(PAPER, b, a) > 0
+    assert behaviour.efficacy(PAPER, b, a, base) == pytest.approx(b.mean() / a.mean())
+    assert behaviour.efficacy(CORRECTED, b, a, base) == pytest.approx((b.mean() - base.mean()) / (a.mean() - base.mean()))
+    const = np.full(10, 0.5)
+    assert behaviour.effect_size(CORRECTED, const, const) is None
+    assert behaviour.efficacy(CORRECTED, a, const, const) is None          # v has no effect: undefined, not inf
+    assert behaviour.correlation(const, a[:10]) is None
+    assert behaviour.correlation(a, 2 * a + 1) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("n_a, n_b", [(100, 100), (100, 1000), (30, 60)])
+def test_minimum_detectable_d_matches_statsmodels_power(n_a, n_b):
+    from statsmodels.stats.power import TTestIndPower
+
+    ref = TTestIndPower().solve_power(nobs1=n_a, ratio=n_b / n_a, alpha=0.05, power=0.8)
+    # normal approximation vs the noncentral t: within 2% at these sizes (df >= 88)
+    assert behaviour.minimum_detectable_d(n_a, n_b) == pytest.approx(ref, rel=0.02)
+
+
+def test_equivalence_detects_equal_and_shifted_samples():
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(0, 1, 4000), rng.normal(0, 1, 4000)
+    eq = behaviour.equivalence(x, y)
+    assert eq["equivalent"] and eq["tost_p"] < 0.05 and eq["d_ci95"][0] < eq["d"] < eq["d_ci95"][1]
+    shifted = behaviour.equivalence(x, y + 1.0)
+    assert not shifted["equivalent"] and shifted["d"] == pytest.approx(-1.0, abs=0.1)
+    small = behaviour.equivalence(x[:20], y[:20])      # n = 20: too small to show |d| < 0.2
+    assert not small["equivalent"] and small["minimum_detectable_d"] > 0.8
+    assert behaviour.equivalence(np.ones(5), np.ones(5))["d"] is None
+
+
+def test_mean_ci_and_mean_sd_match_scipy():
+    x = np.random.default_rng(2).normal(3, 2, 25)
+    m, lo, hi = behaviour.mean_ci(x)
+    ref = scipy_stats.t.interval(0.95, 24, loc=x.mean(), scale=scipy_stats.sem(x))
+    assert m == pytest.approx(x.mean()) and (lo, hi) == pytest.approx(ref)
+    assert behaviour.mean_sd([1.0, None, 3.0]) == {"mean": 2.0, "sd": pytest.approx(np.sqrt(2)), "n": 2}
+    assert behaviour.mean_sd([None]) == {"mean": None, "sd": None, "n": 0}
+
+
+# ----------------------------------------------------------------------------- generation on SmolLM2
+
+def test_run_conditions_pairs_sampling_and_matches_direct_generation(smollm2, tmp_path):
+    lm = smollm2
+    plan = behaviour.GenerationPlan(("The weather today is", "My favourite food is"), samples_per_prompt=2,
+                                    max_new_tokens=6)
+    v = np.random.default_rng(3).normal(size=lm.d) * 3.0
+    conditions = {"base": (None, None, 0.0), "base_again": (None, None, 0.0), "v": (15, v, 2.0)}
+    probes = behaviour.make_probes("lexical", ["formality", "humor"])
+    units = {}
+    for protocol in (CORRECTED, PAPER):
+        store = io.UnitStore(tmp_path / f"{protocol.name}.json", {"p": protocol.name})
+        behaviour.run_conditions(lm, plan, conditions, store, probes, protocol, base_seed=11)
+        units[protocol.name] = store
+        unit = store["v"]
+        assert len(unit["texts"]) == plan.n_rows and set(unit["scores"]) == {"formality", "humor"}
+        # scores are the probe's, on generated text or prompt + text
+        np.testing.assert_allclose(unit["scores"]["humor"]["generated"], probes["humor"].score(unit["texts"]))
+        np.testing.assert_allclose(unit["scores"]["humor"]["with_prompt"],
+                                   probes["humor"].score([p + t for p, t in zip(plan.row_prompts, unit["texts"])]))
+        np.testing.assert_array_equal(behaviour.scores_of(unit, protocol, "humor"),
+                                      unit["scores"]["humor"]["with_prompt" if protocol.score_prompt else "generated"])
+        # the stored texts are exactly a direct steered generation with the condition's seed
+        out = sj.generate(lm, lm.tokenize(plan.row_prompts), sj.Steer(15, v, 2.0, "last+generated"),
+                          max_new_tokens=6, temperature=0.8, seed=unit["seed"])
+        assert unit["texts"] == sj.generated_texts(lm, out)
+    # paired sampling: identical conditions give identical samples; the paper's fresh noise does not
+    assert units["corrected"]["base"]["texts"] == units["corrected"]["base_again"]["texts"]
+    assert units["paper"]["base"]["texts"] != units["paper"]["base_again"]["texts"]
