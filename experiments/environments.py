@@ -1,0 +1,276 @@
+"""Multi-environment test (the paper's Section 6.4 / Table 2 / Figure 4) and the Jacobian null spaces of the
+environments.
+
+Environments: the four shipped prompt sets (in_distribution, topic_shift, genre_shift, safety_style; 25
+prompts each). In each environment e and for each trait, the steering vector is extracted *in* e:
+v_e = mean_i h(positive framing + prompt_i) - h(negative framing + prompt_i) at the read layer, over the
+environment's prompts (framings: steerjax.behaviour.TRAIT_FRAMINGS), and v_e vs v_e + v_perp_s
+(s < --seeds, ||v_perp_s|| = ||v_e||) is tested on that environment's prompts. Table 2 reports Cohen's d per
+trait x environment (mean over seeds); the corrected protocol adds d(base, v_e) and a TOST at +-0.2 SD.
+
+Geometry (exact, from steerjax's Jacobian core): for each environment, the per-prompt factors of
+J = d logits[last] / d h_steer at its first --geometry-prompts prompts, stacked by QR. Reported: null
+dimensions per eps (per prompt and stacked), principal angles between environments' null spaces (eps-null
+spaces, and the --k-smallest-dimensional bottom singular subspaces of the stacked J, next to the value
+expected for random subspaces), the share of a random v_perp that falls in each environment's null
+spaces, and the cosines between the environments' trait vectors.
+
+Generation: 150 new tokens under the paper protocol (as the released code's multi-environment script), 40
+under the corrected one (--max-new-tokens overrides). Writes DIR/environments_units.json (resumable),
+DIR/environments.json, .csv (Table 2), table2.png (Figure 4) and principal_angles.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import steerjax as sj
+from steerjax import behaviour, cli, data, geometry, io, spectrum, stats, studies
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_study_arguments(p, n_prompts=25, samples=2, max_new_tokens=0)
+    p.add_argument("--environments", default="all", help="'all' or a comma list of the shipped environments")
+    p.add_argument("--seeds", type=int, default=3, help="orthogonal directions per trait and environment (default 3)")
+    p.add_argument("--alpha", type=float, default=1.0, help="steering strength (default 1.0)")
+    p.add_argument("--geometry-prompts", type=int, default=16, help="prompts per environment for the exact J (default 16)")
+    p.add_argument("--k-smallest", type=int, default=64, help="dimension of the bottom singular subspaces compared (default 64)")
+    p.add_argument("--quick", action="store_true",
+                   help="preset: 3 prompts x 2 samples, 12 tokens, 2 seeds, 3 geometry prompts (~3 min)")
+    p.add_argument("--out", default=None, help="output folder (default results/environments_<protocol>)")
+    args = p.parse_args(argv)
+    if args.max_new_tokens == 0:
+        args.max_new_tokens = 150 if args.protocol == "paper" else 40
+    if args.quick:
+        args.n_prompts, args.samples = min(args.n_prompts, 3), min(args.samples, 2)
+        args.max_new_tokens, args.seeds, args.geometry_prompts = min(args.max_new_tokens, 12), min(args.seeds, 2), min(args.geometry_prompts, 3)
+    cli.check_study_arguments(p, args)
+    envs = data.environments()
+    args.environments = list(envs) if args.environments == "all" else [e.strip() for e in args.environments.split(",") if e.strip()]
+    bad = [e for e in args.environments if e not in envs]
+    if bad or not args.environments:
+        p.error(f"unknown environment(s) {bad}; choose from {', '.join(envs)} or 'all'")
+    n_env = min(len(envs[e]) for e in args.environments)
+    if not 1 <= args.n_prompts <= n_env:
+        p.error(f"--n-prompts must be in [1, {n_env}] (prompts per environment), got {args.n_prompts}")
+    if not 1 <= args.geometry_prompts <= n_env:
+        p.error(f"--geometry-prompts must be in [1, {n_env}], got {args.geometry_prompts}")
+    if args.seeds < 1:
+        p.error(f"--seeds must be >= 1, got {args.seeds}")
+    if not np.isfinite(args.alpha) or args.alpha == 0:
+        p.error(f"--alpha must be finite and non-zero, got {args.alpha}")
+    args.out = args.out or f"results/environments_{args.protocol}"
+    return args
+
+
+def environment_vectors(lm, traits, prompts, layer) -> dict[str, np.ndarray]:
+    """trait -> v_e (d,) from the trait framings of this environment's prompts."""
+    out = {}
+    for trait in traits:
+        pos, neg = behaviour.framed_pairs(trait, prompts)
+        out[trait] = np.asarray(sj.extract_vector(lm, pos, neg, layer, method="mean_diff"), np.float64)
+    return out
+
+
+def environment_geometry(lm, prompts, layer, k_smallest) -> dict:
+    """Exact per-prompt factors at `layer`, the stacked factor, null dims and bottom-k subspace."""
+    factors = sj.jacobian_operator(lm, lm.tokenize(list(prompts)), layer, observable="logits").factors()
+    stacked = None
+    for stacked in spectrum.stack_factors(factors):
+        pass
+    s_stacked, vt = spectrum.right_singular(stacked)
+    per_prompt = [spectrum.null_dims(spectrum.right_singular(f)[0], lm.d) for f in factors]
+    return {"factors": factors, "stacked": stacked, "bottom": vt[-k_smallest:].T,
+            "null_dim_stacked": spectrum.null_dims(s_stacked, lm.d),
+            "null_dim_per_prompt_mean": {k: float(np.mean([p[k] for p in per_prompt])) for k in per_prompt[0]},
+            "bottom_rel_sv_max": float(s_stacked[-k_smallest] / s_stacked[0])}
+
+
+def angle_summary(angles_rad: np.ndarray, dim: int, d: int) -> dict:
+    cos2 = np.cos(angles_rad) ** 2
+    return {"min_deg": float(np.degrees(angles_rad.min())), "median_deg": float(np.degrees(np.median(angles_rad))),
+            "mean_cos2": float(cos2.mean()), "random_mean_cos2": dim / d}
+
+
+def analyse(store, protocol, env, traits, seeds) -> list[dict]:
+    rows = []
+    base_key = f"{env}/base"
+    for trait in traits:
+        score = lambda key: behaviour.scores_of(store[key], protocol, trait)  # noqa: E731
+        base, v = score(base_key), score(f"{env}/{trait}/v")
+        perps = [score(f"{env}/{trait}/v+perp{s}") for s in range(seeds)]
+        ds = [behaviour.effect_size(protocol, v, p) for p in perps]
+        signed, absolute = behaviour.mean_sd(ds), behaviour.mean_sd([None if x is None else abs(x) for x in ds])
+        eq = behaviour.equivalence(v, np.concatenate(perps))
+        rows.append({"environment": env, "trait": trait, "d_mean": signed["mean"], "d_sd": signed["sd"],
+                     "abs_d_mean": absolute["mean"], "mean_base": float(base.mean()), "mean_v": float(v.mean()),
+                     "mean_v_plus_perp": float(np.mean(perps)), "d_base_vs_v": behaviour._safe(stats.cohens_d, v, base),
+                     "tost_p": eq["tost_p"], "minimum_detectable_d": eq["minimum_detectable_d"]})
+    return rows
+
+
+def run(args) -> dict:
+    from tqdm import tqdm
+
+    t0 = time.time()
+    lm = sj.load_model(args.model)
+    protocol = studies.StudyProtocol.from_name(args.protocol, positions="last+generated")
+    read_layer, steer_layer = studies.protocol_layers(protocol, lm.num_layers, args.read_layer)
+    envs = data.environments()
+    settings = {"model": lm.source, "protocol": protocol.name, "read_layer": read_layer, "steer_layer": steer_layer,
+                "positions": protocol.positions, "traits": args.traits, "environments": args.environments,
+                "alpha": args.alpha, "seeds": args.seeds, "seed": args.seed, "n_prompts": args.n_prompts,
+                "samples": args.samples, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+                "probe": args.probe, "quick": args.quick}
+    out_dir = Path(args.out)
+    store = io.UnitStore(out_dir / "environments_units.json", settings, fresh=args.fresh, meta=io.run_metadata())
+    if store.resumed:
+        print(f"resuming: {store.resumed} conditions already done in {store.path}", file=sys.stderr)
+    probes = behaviour.make_probes(args.probe, data.TRAITS, lm)
+
+    vectors, rows = {}, []
+    for env in args.environments:
+        prompts = envs[env][: args.n_prompts]
+        plan = behaviour.GenerationPlan(tuple(prompts), args.samples, args.max_new_tokens, args.temperature)
+        vectors[env] = environment_vectors(lm, args.traits, envs[env], read_layer)
+        conditions = {f"{env}/base": (None, None, 0.0)}
+        for ti, (trait, v) in enumerate(vectors[env].items()):
+            conditions[f"{env}/{trait}/v"] = (steer_layer, v, args.alpha)
+            for s in range(args.seeds):
+                perp = studies.orthogonal_to(v, np.random.default_rng([args.seed, data.TRAITS.index(trait),
+                                                                       args.environments.index(env), s]))
+                conditions[f"{env}/{trait}/v+perp{s}"] = (steer_layer, v + perp, args.alpha)
+        behaviour.run_conditions(lm, plan, conditions, store, probes, protocol, args.seed, desc=f"{env} conditions")
+        rows += analyse(store, protocol, env, args.traits, args.seeds)
+
+    print(f"exact J at h{steer_layer} for {args.geometry_prompts} prompts per environment ...", file=sys.stderr)
+    geo = {env: environment_geometry(lm, envs[env][: args.geometry_prompts], steer_layer, args.k_smallest)
+           for env in tqdm(args.environments, desc="environment Jacobians", file=sys.stderr)}
+    geometry_out = {"layer": steer_layer, "prompts_per_environment": args.geometry_prompts, "k_smallest": args.k_smallest,
+                    "environments": {e: {k: g[k] for k in ("null_dim_stacked", "null_dim_per_prompt_mean", "bottom_rel_sv_max")}
+                                     for e, g in geo.items()},
+                    "pairs": []}
+    names = args.environments
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            bottom = spectrum.principal_angles(geo[a]["bottom"], geo[b]["bottom"])
+            geometry_out["pairs"].append({
+                "a": a, "b": b, "bottom_k": angle_summary(bottom, args.k_smallest, lm.d),
+                "eps_null_stacked": geometry.principal_angle_entry(geo[a]["stacked"], geo[b]["stacked"], lm.d),
+                "trait_vector_cosines": {t: float(vectors[a][t] @ vectors[b][t] /
+                                                  (np.linalg.norm(vectors[a][t]) * np.linalg.norm(vectors[b][t])))
+                                         for t in args.traits}})
+    geometry_out["v_perp_null_fraction"] = {
+        e: {t: {spectrum.eps_key(eps): {
+            "per_prompt_mean": float(np.mean([spectrum.orthogonal_null_fraction(spectrum.null_space_basis(f, eps), vectors[e][t])
+                                              for f in geo[e]["factors"]])),
+            "stacked": spectrum.orthogonal_null_fraction(spectrum.null_space_basis(geo[e]["stacked"], eps), vectors[e][t])}
+            for eps in spectrum.RANK_EPS} for t in args.traits} for e in names}
+
+    result = {"model": lm.source, "model_name": Path(lm.source).name, "d": lm.d, "settings": settings,
+              "protocol": {**protocol.__dict__}, "n_rows_per_condition": args.n_prompts * args.samples,
+              "vector_norms": {e: {t: float(np.linalg.norm(v)) for t, v in vs.items()} for e, vs in vectors.items()},
+              "rows": rows, "geometry": geometry_out, "meta": io.run_metadata()}
+    result["seconds_total"] = time.time() - t0
+    io.write_json_atomic(out_dir / "environments.json", result)
+    io.write_csv(rows, out_dir / "environments.csv")
+    plot_table2(result, out_dir / "table2.png")
+    plot_angles(result, out_dir / "principal_angles.png")
+    print_tables(result)
+    print(f"wrote {out_dir}/environments.json, .csv, table2.png, principal_angles.png in {time.time() - t0:.0f} s")
+    return result
+
+
+def plot_table2(result: dict, path: Path) -> None:
+    """Figure 4: |d| (mean over seeds) per trait x environment as an annotated heat map."""
+    from steerjax import plotting  # noqa: F401
+    import matplotlib.pyplot as plt
+
+    s = result["settings"]
+    envs, traits = s["environments"], s["traits"]
+    grid = np.array([[next(r["abs_d_mean"] for r in result["rows"] if r["environment"] == e and r["trait"] == t)
+                      or np.nan for e in envs] for t in traits], float)
+    fig, ax = plt.subplots(figsize=(1.5 + 1.6 * len(envs), 1.2 + 0.8 * len(traits)))
+    im = ax.imshow(grid, cmap="viridis", vmin=0)
+    for i in range(len(traits)):
+        for j in range(len(envs)):
+            ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", color="w", fontsize=9)
+    ax.set(xticks=range(len(envs)), xticklabels=envs, yticks=range(len(traits)), yticklabels=traits)
+    plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
+    fig.colorbar(im, ax=ax, label="|d(v, v + v_perp)|, mean over seeds")
+    ax.set_title(f"{result['model_name']}: {s['protocol']} protocol, steer h{s['steer_layer']}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_angles(result: dict, path: Path) -> None:
+    """Mean cos^2 of principal angles between environments' bottom-k subspaces vs the random level."""
+    from steerjax import plotting  # noqa: F401
+    import matplotlib.pyplot as plt
+
+    g = result["geometry"]
+    envs = result["settings"]["environments"]
+    n = len(envs)
+    grid = np.eye(n)
+    for p in g["pairs"]:
+        i, j = envs.index(p["a"]), envs.index(p["b"])
+        grid[i, j] = grid[j, i] = p["bottom_k"]["mean_cos2"]
+    fig, ax = plt.subplots(figsize=(1.5 + 1.4 * n, 1.2 + 1.2 * n))
+    im = ax.imshow(grid, cmap="magma", vmin=0, vmax=1)
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", color="c", fontsize=9)
+    ax.set(xticks=range(n), xticklabels=envs, yticks=range(n), yticklabels=envs)
+    plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
+    fig.colorbar(im, ax=ax, label="mean cos^2 of principal angles")
+    random_level = g["k_smallest"] / result["d"]
+    ax.set_title(f"bottom-{g['k_smallest']} singular subspaces of stacked J at h{g['layer']} "
+                 f"(random subspaces: {random_level:.2f})", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _f(x, spec=".2f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def print_tables(result: dict) -> None:
+    s = result["settings"]
+    envs = s["environments"]
+    print(f"{result['model_name']}: {s['protocol']} protocol (read h{s['read_layer']}, steer h{s['steer_layer']}), "
+          f"{result['n_rows_per_condition']} samples per condition, {s['max_new_tokens']} tokens, {s['seeds']} seeds")
+    print("\nTable 2 format: |Cohen's d(v_e, v_e + v_perp)|, mean over seeds")
+    print(f"{'trait':<11} " + " ".join(f"{e[:14]:>14}" for e in envs))
+    for t in s["traits"]:
+        cells = [next(r for r in result["rows"] if r["environment"] == e and r["trait"] == t) for e in envs]
+        print(f"{t:<11} " + " ".join(f"{_f(c['abs_d_mean']):>14}" for c in cells))
+    print("\nsteering effect d(v_e vs base) and TOST p (v_e vs pooled v_e + v_perp, +-0.2 SD):")
+    for t in s["traits"]:
+        cells = [next(r for r in result["rows"] if r["environment"] == e and r["trait"] == t) for e in envs]
+        print(f"{t:<11} " + " ".join(f"{_f(c['d_base_vs_v'], '+.2f'):>6} p={_f(c['tost_p'])}" for c in cells))
+    g = result["geometry"]
+    print(f"\nJacobian null spaces at h{g['layer']} ({g['prompts_per_environment']} prompts per environment):")
+    for e, v in g["environments"].items():
+        print(f"  {e:<16} null dim per prompt (mean) {v['null_dim_per_prompt_mean']}  stacked {v['null_dim_stacked']}")
+    print(f"principal angles between bottom-{g['k_smallest']} singular subspaces of the stacked J "
+          f"(mean cos^2; random subspaces: {g['k_smallest'] / result['d']:.3f}):")
+    for p in g["pairs"]:
+        print(f"  {p['a']:<16} {p['b']:<16} mean cos^2 {p['bottom_k']['mean_cos2']:.3f}  min angle "
+              f"{p['bottom_k']['min_deg']:.1f} deg  trait-vector cosines "
+              + ", ".join(f"{t} {c:.2f}" for t, c in p["trait_vector_cosines"].items()))
+
+
+def main(argv=None) -> int:
+    return cli.run_cli(parse_args, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

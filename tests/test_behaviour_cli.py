@@ -1,0 +1,153 @@
+"""experiments/orthogonal.py, scale_invariance.py and environments.py end to end on the embedded SmolLM2,
+at tiny sizes (2 prompts x 2 samples, a few tokens): outputs, resume, protocol differences, errors. The
+reported statistics are recomputed here from the stored per-row scores."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import steerjax as sj
+from conftest import load_experiment
+from steerjax import stats
+
+TINY = ["--n-prompts", "2", "--samples", "2", "--max-new-tokens", "4"]
+
+
+@pytest.fixture
+def serve_smollm2(monkeypatch, smollm2):
+    monkeypatch.setattr(sj, "load_model", lambda spec=None, dtype="float32": smollm2)
+
+
+def scores(units, key, trait, field="generated"):
+    return np.array(units["units"][key]["scores"][trait][field])
+
+
+def test_orthogonal_cli(serve_smollm2, tmp_path, capsys):
+    cli = load_experiment("orthogonal")
+    out = tmp_path / "orth"
+    argv = ["--traits", "formality", "--seeds", "2", "--seed-counts", "2", "--out", str(out), *TINY]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "Table 1 format" in printed and "wrote" in printed
+    result = json.loads((out / "orthogonal.json").read_text())
+    units = json.loads((out / "orthogonal_units.json").read_text())
+    assert set(units["units"]) == {"base", "formality/v", "formality/2v", "formality/v+perp0", "formality/v+perp1",
+                                   "formality/perp0", "formality/perp1"}
+    assert result["settings"]["read_layer"] == result["settings"]["steer_layer"] == 15     # corrected: no off-by-one
+    assert result["vectors"]["formality"]["max_abs_cos_perp"] < 1e-10
+    r = result["traits"]["formality"]
+    v = scores(units, "formality/v", "formality")
+    for s, seed_row in enumerate(r["per_seed"]):
+        vp = scores(units, f"formality/v+perp{s}", "formality")
+        perp = scores(units, f"formality/perp{s}", "formality")
+        base = scores(units, "base", "formality")
+        ref_d = stats.cohens_d(v, vp) if np.std(v) + np.std(vp) > 0 else None
+        assert seed_row["d"] == (pytest.approx(ref_d) if ref_d is not None else None)
+        if v.mean() != base.mean():
+            assert seed_row["efficacy"] == pytest.approx((perp.mean() - base.mean()) / (v.mean() - base.mean()))
+    ds = [s["d"] for s in r["per_seed"] if s["d"] is not None]
+    assert r["table"][0]["n_seeds"] == 2 and (not ds or r["table"][0]["d_mean"] == pytest.approx(np.mean(ds)))
+    assert len(units["units"]["base"]["texts"]) == 4
+    for png in ("perp_only.png", "effect_sizes.png"):
+        assert (out / png).stat().st_size > 5_000
+    assert (out / "orthogonal.csv").read_text().startswith("trait,n_seeds,d_mean")
+
+    # resume: nothing is regenerated
+    assert cli.main(argv) == 0
+    assert "resuming: 7 of 7 conditions" in capsys.readouterr().err
+    # another protocol into the same folder is refused (finished work is not overwritten) ...
+    assert cli.main([*argv, "--protocol", "paper"]) == 2
+    assert "different settings" in capsys.readouterr().err
+    # ... and runs with --fresh: steer layer off by one, prompt scored, no 2v control
+    assert cli.main([*argv, "--protocol", "paper", "--fresh"]) == 0
+    paper = json.loads((out / "orthogonal.json").read_text())
+    assert (paper["settings"]["read_layer"], paper["settings"]["steer_layer"]) == (15, 16)
+    punits = json.loads((out / "orthogonal_units.json").read_text())
+    assert "formality/2v" not in punits["units"]
+    v = scores(punits, "formality/v", "formality", "with_prompt")
+    perp = scores(punits, "formality/perp0", "formality", "with_prompt")
+    assert paper["traits"]["formality"]["per_seed"][0]["efficacy"] == pytest.approx(abs(perp.mean()) / abs(v.mean()))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--traits", "sarcasm"], "unknown trait"), (["--seeds", "1"], "--seeds"), (["--seed-counts", "5", "--seeds", "3"], "seed-counts"),
+    (["--alpha", "nan"], "--alpha"), (["--temperature", "0"], "--temperature"), (["--n-prompts", "0"], "--n-prompts"),
+])
+def test_orthogonal_cli_rejects_bad_flags(argv, message, capsys):
+    cli = load_experiment("orthogonal")
+    with pytest.raises(SystemExit) as err:
+        cli.parse_args(argv)
+    assert err.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_scale_invariance_cli(serve_smollm2, tmp_path, capsys):
+    cli = load_experiment("scale_invariance")
+    out = tmp_path / "scale"
+    assert cli.main(["--alphas", "0,2", "--seeds", "2", "--out", str(out), *TINY]) == 0
+    assert "wrote" in capsys.readouterr().out
+    result = json.loads((out / "scale_invariance.json").read_text())
+    units = json.loads((out / "scale_invariance_units.json").read_text())
+    assert set(units["units"]) == {"base", "formality/a2/v", "formality/a2/v+perp0", "formality/a2/v+perp1"}
+    zero, two = result["rows"]
+    assert zero["alpha"] == 0 and zero["mean_v"] == zero["mean_v_plus_perp"] and zero["d_mean"] is None
+    v = scores(units, "formality/a2/v", "formality")
+    pooled = np.concatenate([scores(units, f"formality/a2/v+perp{s}", "formality") for s in range(2)])
+    assert two["mean_v"] == pytest.approx(v.mean()) and two["mean_v_plus_perp"] == pytest.approx(pooled.mean())
+    assert two["abs_mean_diff"] == pytest.approx(abs(v.mean() - pooled.mean()))
+    # bands: t-interval over the 2 per-prompt means (prompt-major rows)
+    pm = v.reshape(2, 2).mean(axis=1)
+    half = 12.7062047 * pm.std(ddof=1) / np.sqrt(2)          # t_{0.975, 1}
+    assert (two["ci_v_low"], two["ci_v_high"]) == pytest.approx((pm.mean() - half, pm.mean() + half))
+    assert (out / "figure3.png").stat().st_size > 5_000
+
+
+def test_environments_cli(serve_smollm2, tmp_path, capsys, smollm2):
+    cli = load_experiment("environments")
+    out = tmp_path / "env"
+    argv = ["--environments", "in_distribution,genre_shift", "--traits", "humor", "--seeds", "1",
+            "--geometry-prompts", "2", "--k-smallest", "8", "--out", str(out), *TINY]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "Table 2 format" in printed and "principal angles" in printed
+    result = json.loads((out / "environments.json").read_text())
+    assert [r["environment"] for r in result["rows"]] == ["in_distribution", "genre_shift"]
+    assert result["settings"]["max_new_tokens"] == 4
+    g = result["geometry"]
+    (pair,) = g["pairs"]
+    assert pair["a"] == "in_distribution" and pair["b"] == "genre_shift"
+    assert 0 <= pair["bottom_k"]["mean_cos2"] <= 1 and 0 <= pair["bottom_k"]["min_deg"] <= 90
+    assert pair["bottom_k"]["random_mean_cos2"] == pytest.approx(8 / 576)
+    # independent recomputation: bottom-8 right singular subspaces of the stacked dense factors via one SVD
+    envs = sj_data_envs()
+    bases = []
+    for env in ("in_distribution", "genre_shift"):
+        factors = sj.jacobian_operator(smollm2, smollm2.tokenize(envs[env][:2]), 15).factors()
+        _, _, vt = np.linalg.svd(np.vstack(list(factors)), full_matrices=True)
+        bases.append(vt[-8:].T)
+    cos = np.linalg.svd(bases[0].T @ bases[1], compute_uv=False)
+    assert pair["bottom_k"]["mean_cos2"] == pytest.approx(np.mean(cos**2), abs=1e-6)
+    for env, e in g["environments"].items():
+        assert set(e["null_dim_stacked"]) == {"1e-02", "1e-03", "1e-04", "1e-06"}
+        # stacking can only shrink the null space
+        assert all(e["null_dim_stacked"][k] <= e["null_dim_per_prompt_mean"][k] + 1e-9 for k in e["null_dim_stacked"])
+    frac = g["v_perp_null_fraction"]["genre_shift"]["humor"]["1e-02"]
+    assert 0 <= frac["stacked"] <= frac["per_prompt_mean"] + 1e-12 <= 1
+    for png in ("table2.png", "principal_angles.png"):
+        assert (out / png).stat().st_size > 5_000
+
+
+def sj_data_envs():
+    from steerjax import data
+
+    return data.environments()
+
+
+def test_environments_cli_paper_defaults_to_150_tokens():
+    cli = load_experiment("environments")
+    assert cli.parse_args(["--protocol", "paper"]).max_new_tokens == 150
+    assert cli.parse_args([]).max_new_tokens == 40
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--environments", "moon"])
