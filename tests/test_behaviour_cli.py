@@ -55,6 +55,10 @@ def test_orthogonal_cli(serve_smollm2, tmp_path, capsys):
         assert (out / png).stat().st_size > 5_000
     assert (out / "orthogonal.csv").read_text().startswith("trait,n_seeds,d_mean")
 
+    report = load_experiment("report")
+    md = report.folder_markdown(out)
+    assert "| formality | n=2 |" in md and f"{r['mean_v']:.3f}" in md
+
     # resume: nothing is regenerated
     assert cli.main(argv) == 0
     assert "resuming: 7 of 7 conditions" in capsys.readouterr().err
@@ -102,6 +106,7 @@ def test_scale_invariance_cli(serve_smollm2, tmp_path, capsys):
     half = 12.7062047 * pm.std(ddof=1) / np.sqrt(2)          # t_{0.975, 1}
     assert (two["ci_v_low"], two["ci_v_high"]) == pytest.approx((pm.mean() - half, pm.mean() + half))
     assert (out / "figure3.png").stat().st_size > 5_000
+    assert f"| formality | 2 | {two['mean_v']:.3f}" in load_experiment("report").folder_markdown(out)
 
 
 def test_environments_cli(serve_smollm2, tmp_path, capsys, smollm2):
@@ -137,6 +142,13 @@ def test_environments_cli(serve_smollm2, tmp_path, capsys, smollm2):
     assert 0 <= frac["stacked"] <= frac["per_prompt_mean"] + 1e-12 <= 1
     for png in ("table2.png", "principal_angles.png"):
         assert (out / png).stat().st_size > 5_000
+    md = load_experiment("report").folder_markdown(out)
+    assert "| humor |" in md and f"{pair['bottom_k']['mean_cos2']:.3f}" in md
+
+
+def test_report_cli_rejects_a_folder_without_results(tmp_path, capsys):
+    assert load_experiment("report").main([str(tmp_path)]) == 2
+    assert "holds none of orthogonal.json" in capsys.readouterr().err
 
 
 def sj_data_envs():
