@@ -1,7 +1,7 @@
 """Scale invariance (the paper's Section 6.3 / Figure 3): trait scores under alpha * v and
 alpha * (v + v_perp_s) for alpha in --alphas (default 0, 0.5, 1, 2), with 95% confidence bands.
 
-alpha = 0 is the unsteered model (one condition shared by both curves). v is the trait's mean-difference
+alpha = 0 is the unsteered model (one condition shared by both curves); the plot also marks each seed's mean. v is the trait's mean-difference
 vector at the read layer; v_perp_s (s < --seeds) Gaussian Gram-Schmidt'ed against v with ||v_perp_s|| = ||v||;
 steering at the protocol's steer layer on the last prompt token and every generated token. Bands are
 t-intervals over per-prompt means (the samples of one prompt are not independent); the v+v_perp curve pools
@@ -89,10 +89,11 @@ def analyse_trait(store, protocol, trait, alphas, seeds, n_prompts) -> list[dict
             stat = behaviour.mean_sd(ds)
             eq = behaviour.equivalence(v, perps.reshape(-1))
             row.update({"d_mean": stat["mean"], "d_sd": stat["sd"], "tost_p": eq["tost_p"],
-                        "equivalent_at_0.2sd": eq["equivalent"], "minimum_detectable_d": eq["minimum_detectable_d"]})
+                        "equivalent_at_0.2sd": eq["equivalent"], "minimum_detectable_d": eq["minimum_detectable_d"],
+                        "per_seed_d": ds, "per_seed_mean": perps.mean(axis=1).tolist()})
         else:
             row.update({"d_mean": None, "d_sd": None, "tost_p": None, "equivalent_at_0.2sd": None,
-                        "minimum_detectable_d": None})
+                        "minimum_detectable_d": None, "per_seed_d": [], "per_seed_mean": []})
         rows.append(row)
     return rows
 
@@ -126,7 +127,8 @@ def run(args) -> dict:
               "seconds_generation": sum(store[k]["seconds"] for k in conditions), "meta": io.run_metadata()}
     result["seconds_total"] = time.time() - t0
     io.write_json_atomic(out_dir / "scale_invariance.json", result)
-    io.write_csv(rows, out_dir / "scale_invariance.csv")
+    io.write_csv([{k: x for k, x in r.items() if not k.startswith("per_seed")} for r in rows],
+                 out_dir / "scale_invariance.csv")
     plot_curves(result, out_dir / "figure3.png")
     print_table(result)
     print(f"wrote {out_dir}/scale_invariance.json, .csv, figure3.png in {time.time() - t0:.0f} s")
@@ -147,11 +149,15 @@ def plot_curves(result: dict, path: Path) -> None:
                                           ("mean_v_plus_perp", "ci_perp_low", "ci_perp_high", "v + v_perp", "s--")):
             line, = ax.plot(a, [r[key] for r in rows], style, label=label)
             ax.fill_between(a, [r[lo] for r in rows], [r[hi] for r in rows], color=line.get_color(), alpha=0.2)
+        seeds = [(r["alpha"], m) for r in rows for m in r["per_seed_mean"]]
+        if seeds:
+            ax.scatter(*zip(*seeds), marker="s", s=12, facecolors="none", edgecolors="tab:orange",
+                       label="v + v_perp, one seed")
         ax.set(xlabel="alpha", ylabel=f"{trait} score (95% CI over prompts)", title=trait)
         ax.legend()
     s = result["settings"]
-    fig.suptitle(f"{result['model_name']}: {s['protocol']} protocol (read h{s['read_layer']}, steer h{s['steer_layer']}, "
-                 f"{result['n_rows_per_condition']} samples/condition, {s['seeds']} v_perp seeds)", fontsize=9)
+    fig.suptitle(f"{result['model_name']}: {s['protocol']} protocol\n(read h{s['read_layer']}, steer h{s['steer_layer']}, "
+                 f"{result['n_rows_per_condition']} samples/condition, {s['seeds']} v_perp seeds)", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
