@@ -2,11 +2,15 @@
 environments.
 
 Environments: the four shipped prompt sets (in_distribution, topic_shift, genre_shift, safety_style; 25
-prompts each). In each environment e and for each trait, the steering vector is extracted *in* e:
-v_e = mean_i h(positive framing + prompt_i) - h(negative framing + prompt_i) at the read layer, over the
-environment's prompts (framings: steerjax.behaviour.TRAIT_FRAMINGS), and v_e vs v_e + v_perp_s
-(s < --seeds, ||v_perp_s|| = ||v_e||) is tested on that environment's prompts. Table 2 reports Cohen's d per
-trait x environment (mean over seeds); the corrected protocol adds d(base, v_e) and a TOST at +-0.2 SD.
+prompts each). For each environment and trait, v vs v + v_perp_s (s < --seeds, ||v_perp_s|| = ||v||) is
+tested on that environment's prompts. `--vector shipped` (default): v is the trait's shipped pair vector in
+every environment. `--vector environment`: v is extracted *in* the environment,
+v_e = mean_i h(positive framing + prompt_i) - h(negative framing + prompt_i) at the read layer over its
+prompts (framings: steerjax.behaviour.TRAIT_FRAMINGS), rescaled to the shipped vector's norm: framing
+differences are small at the last token (||v_e|| = 3-9 against ||v|| = 23-45 on SmolLM2), and unrescaled v_e
+does not steer at alpha = 1 (measured d(base, v_e) within +-0.17), which makes a d(v_e, v_e + v_perp) test
+empty. Table 2 reports |Cohen's d| per trait x environment (mean over seeds); the rows also hold
+d(v, base), the steering effect itself, and a TOST at +-0.2 SD.
 
 Geometry (exact, from steerjax's Jacobian core): for each environment, the per-prompt factors of
 J = d logits[last] / d h_steer at its first --geometry-prompts prompts, stacked by QR. Reported: null
@@ -39,6 +43,9 @@ def parse_args(argv):
     p.add_argument("--environments", default="all", help="'all' or a comma list of the shipped environments")
     p.add_argument("--seeds", type=int, default=3, help="orthogonal directions per trait and environment (default 3)")
     p.add_argument("--alpha", type=float, default=1.0, help="steering strength (default 1.0)")
+    p.add_argument("--vector", choices=("shipped", "environment"), default="shipped",
+                   help="shipped: the trait-pair vector in every environment (default); environment: "
+                        "extracted in each environment by trait framings, rescaled to the shipped vector's norm")
     p.add_argument("--geometry-prompts", type=int, default=16, help="prompts per environment for the exact J (default 16)")
     p.add_argument("--k-smallest", type=int, default=64, help="dimension of the bottom singular subspaces compared (default 64)")
     p.add_argument("--quick", action="store_true",
@@ -69,13 +76,16 @@ def parse_args(argv):
     return args
 
 
-def environment_vectors(lm, traits, prompts, layer) -> dict[str, np.ndarray]:
-    """trait -> v_e (d,) from the trait framings of this environment's prompts."""
-    out = {}
+def environment_vectors(lm, traits, prompts, layer, norms: dict[str, float]) -> tuple[dict, dict]:
+    """(trait -> v_e (d,) from the trait framings of this environment's prompts, rescaled to norms[trait];
+    trait -> the raw norm ||v_e|| before rescaling)."""
+    out, raw = {}, {}
     for trait in traits:
         pos, neg = behaviour.framed_pairs(trait, prompts)
-        out[trait] = np.asarray(sj.extract_vector(lm, pos, neg, layer, method="mean_diff"), np.float64)
-    return out
+        v = np.asarray(sj.extract_vector(lm, pos, neg, layer, method="mean_diff"), np.float64)
+        raw[trait] = float(np.linalg.norm(v))
+        out[trait] = v * (norms[trait] / raw[trait])
+    return out, raw
 
 
 def environment_geometry(lm, prompts, layer, k_smallest) -> dict:
@@ -125,7 +135,7 @@ def run(args) -> dict:
     envs = data.environments()
     settings = {"model": lm.source, "protocol": protocol.name, "read_layer": read_layer, "steer_layer": steer_layer,
                 "positions": protocol.positions, "traits": args.traits, "environments": args.environments,
-                "alpha": args.alpha, "seeds": args.seeds, "seed": args.seed, "n_prompts": args.n_prompts,
+                "alpha": args.alpha, "vector": args.vector, "seeds": args.seeds, "seed": args.seed, "n_prompts": args.n_prompts,
                 "samples": args.samples, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
                 "probe": args.probe, "quick": args.quick}
     out_dir = Path(args.out)
@@ -134,11 +144,16 @@ def run(args) -> dict:
         print(f"resuming: {store.resumed} conditions already done in {store.path}", file=sys.stderr)
     probes = behaviour.make_probes(args.probe, data.TRAITS, lm)
 
-    vectors, rows = {}, []
+    shipped = behaviour.trait_vectors(lm, args.traits, read_layer)
+    vectors, raw_norms, rows = {}, {}, []
     for env in args.environments:
         prompts = envs[env][: args.n_prompts]
         plan = behaviour.GenerationPlan(tuple(prompts), args.samples, args.max_new_tokens, args.temperature)
-        vectors[env] = environment_vectors(lm, args.traits, envs[env], read_layer)
+        if args.vector == "shipped":
+            vectors[env] = dict(shipped)
+        else:
+            vectors[env], raw_norms[env] = environment_vectors(
+                lm, args.traits, envs[env], read_layer, {t: float(np.linalg.norm(v)) for t, v in shipped.items()})
         conditions = {f"{env}/base": (None, None, 0.0)}
         for ti, (trait, v) in enumerate(vectors[env].items()):
             conditions[f"{env}/{trait}/v"] = (steer_layer, v, args.alpha)
@@ -176,6 +191,7 @@ def run(args) -> dict:
     result = {"model": lm.source, "model_name": Path(lm.source).name, "d": lm.d, "settings": settings,
               "protocol": {**protocol.__dict__}, "n_rows_per_condition": args.n_prompts * args.samples,
               "vector_norms": {e: {t: float(np.linalg.norm(v)) for t, v in vs.items()} for e, vs in vectors.items()},
+              "environment_vector_raw_norms": raw_norms,
               "rows": rows, "geometry": geometry_out, "meta": io.run_metadata()}
     result["seconds_total"] = time.time() - t0
     io.write_json_atomic(out_dir / "environments.json", result)

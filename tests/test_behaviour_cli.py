@@ -113,13 +113,19 @@ def test_environments_cli(serve_smollm2, tmp_path, capsys, smollm2):
     cli = load_experiment("environments")
     out = tmp_path / "env"
     argv = ["--environments", "in_distribution,genre_shift", "--traits", "humor", "--seeds", "1",
-            "--geometry-prompts", "2", "--k-smallest", "8", "--out", str(out), *TINY]
+            "--geometry-prompts", "2", "--k-smallest", "8", "--vector", "environment", "--out", str(out), *TINY]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert "Table 2 format" in printed and "principal angles" in printed
     result = json.loads((out / "environments.json").read_text())
     assert [r["environment"] for r in result["rows"]] == ["in_distribution", "genre_shift"]
-    assert result["settings"]["max_new_tokens"] == 4
+    assert result["settings"]["max_new_tokens"] == 4 and result["settings"]["vector"] == "environment"
+    # in-environment vectors are rescaled to the shipped vector's norm; the raw norms are kept
+    from steerjax import behaviour
+    shipped = np.linalg.norm(behaviour.trait_vectors(smollm2, ["humor"], 15)["humor"])
+    for env in ("in_distribution", "genre_shift"):
+        assert result["vector_norms"][env]["humor"] == pytest.approx(shipped, rel=1e-9)
+        assert 0 < result["environment_vector_raw_norms"][env]["humor"] < shipped
     g = result["geometry"]
     (pair,) = g["pairs"]
     assert pair["a"] == "in_distribution" and pair["b"] == "genre_shift"
@@ -160,6 +166,6 @@ def sj_data_envs():
 def test_environments_cli_paper_defaults_to_150_tokens():
     cli = load_experiment("environments")
     assert cli.parse_args(["--protocol", "paper"]).max_new_tokens == 150
-    assert cli.parse_args([]).max_new_tokens == 40
+    assert cli.parse_args([]).max_new_tokens == 40 and cli.parse_args([]).vector == "shipped"
     with pytest.raises(SystemExit):
         cli.parse_args(["--environments", "moon"])
