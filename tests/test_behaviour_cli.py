@@ -109,6 +109,7 @@ def test_scale_invariance_cli(serve_smollm2, tmp_path, capsys):
     assert f"| formality | 2 | {two['mean_v']:.3f}" in load_experiment("report").folder_markdown(out)
 
 
+@pytest.mark.slow  # two environments x generation + exact Jacobians + an independent SVD: minutes on 2 cores
 def test_environments_cli(serve_smollm2, tmp_path, capsys, smollm2):
     cli = load_experiment("environments")
     out = tmp_path / "env"
