@@ -1,74 +1,58 @@
 """Steered generation throughput: steerjax (jit, lax.scan KV cache) vs HF `generate` with a steering
-forward-pre-hook, same model, same prompts, same batch, greedy. Prints median tokens/s and the ratio.
+forward-pre-hook, same model, same prompts, same batch, greedy. Prints median tokens/s, the ratio and the
+achieved GFLOP/s next to the float32 matmul throughput measured in the same run.
 
-    python benchmarks/generation_throughput.py [--model SPEC] [--batch 8] [--new-tokens 32] [--repeats 3]
+    python benchmarks/generation_throughput.py [--model smollm2|qwen05b-random|FOLDER] [--batch 8]
+        [--new-tokens 32] [--repeats 3]
 
-HF runs with eager attention (as in every steerjax reference) and sdpa; torch uses all cores.
+HF runs with eager attention (as in every steerjax reference) and sdpa; torch uses all cores. Prompts are
+tokenized texts (left-padded) for models with a tokenizer, 16 random tokens per row otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
+import sys
+from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import numpy as np
-import torch
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
-import steerjax as sj
-from steerjax.models.loading import default_model_path
+import steerjax as sj  # noqa: E402
+from common import BenchModel, generation_flops, matmul_gflops, time_call  # noqa: E402
 
 PROMPTS = ["The weather today is", "My favourite book is about", "In the year 2050, cities will",
            "The best way to learn a language is", "Yesterday I went to the market and",
            "The most important invention was", "A good teacher always", "The ocean is home to"]
 
 
-def load_hf(spec, attn):
-    from transformers import AutoModelForCausalLM
-
-    if spec is None:
-        path = default_model_path()
-        return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, attn_implementation=attn,
-                                                    dtype=torch.float32).eval()
-    return AutoModelForCausalLM.from_pretrained(spec, attn_implementation=attn, dtype=torch.float32).eval()
+def prompt_batch(bench: BenchModel, batch: int) -> sj.TokenBatch:
+    lm = bench.lm
+    if lm.tokenizer_loader is None:
+        ids = np.random.default_rng(0).integers(100, lm.config.vocab_size, (batch, 16)).astype(np.int32)
+        return sj.TokenBatch(ids, np.ones_like(ids))
+    return lm.tokenize((PROMPTS * (batch // len(PROMPTS) + 1))[:batch])
 
 
-def time_call(fn, repeats):
-    fn()  # warm-up (compilation for steerjax)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3)
-    args = p.parse_args()
-
-    lm = sj.load_model(args.model)
-    prompts = (PROMPTS * (args.batch // len(PROMPTS) + 1))[: args.batch]
-    batch = lm.tokenize(prompts)
+def run_generation(bench: BenchModel, batch_size: int, new_tokens: int, repeats: int, peak: dict) -> dict:
+    lm = bench.lm
+    batch = prompt_batch(bench, batch_size)
     layer = lm.num_layers // 2
     v = np.random.default_rng(0).normal(size=lm.d).astype(np.float32)
     steer = sj.Steer(layer=layer, vector=v, alpha=1.0, positions="last+generated")
-    n_tokens = args.batch * args.new_tokens
+    n_tokens = batch_size * new_tokens
+    flops = generation_flops(lm.config, batch_size, batch.ids.shape[1], new_tokens)
 
-    ours = time_call(lambda: sj.generate(lm, batch, steer=steer, max_new_tokens=args.new_tokens,
-                                         stop_at_eos=False), args.repeats)
-    results = {"steerjax": ours}
+    ours, _ = time_call(lambda: sj.generate(lm, batch, steer=steer, max_new_tokens=new_tokens,
+                                            stop_at_eos=False).tokens, repeats)
+    results = {"steerjax sj.generate": ours}
     ids = torch.as_tensor(batch.ids, dtype=torch.long)
     mask = torch.as_tensor(batch.attention_mask, dtype=torch.long)
     for attn in ("eager", "sdpa"):
-        model = load_hf(args.model, attn)
+        model = bench.hf(attn)
 
         def hook(module, hargs, kwargs):
             hidden = hargs[0] if hargs else kwargs["hidden_states"]
@@ -79,18 +63,38 @@ def main():
 
         def run_hf():
             with torch.no_grad():
-                model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=args.new_tokens,
-                               min_new_tokens=args.new_tokens, pad_token_id=lm.pad_id)
+                return model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
+                                      min_new_tokens=new_tokens, pad_token_id=lm.pad_id)
 
-        results[f"HF generate ({attn}) + hook"] = time_call(run_hf, args.repeats)
+        results[f"HF generate ({attn}) + hook"], _ = time_call(run_hf, repeats)
+        del model
 
-    print(f"model {lm.source}: batch {args.batch} x {args.new_tokens} new tokens, steering at layer {layer}, "
-          f"greedy, median of {args.repeats}; torch threads {torch.get_num_threads()}")
+    print(f"\n(c) steered generation: batch {batch_size} x {new_tokens} new tokens (prompt width "
+          f"{batch.ids.shape[1]}), steering at layer {layer} (last+generated), greedy, median of {repeats}")
+    print(f"  {'method':32s} {'median s':>9s} {'tok/s':>8s} {'GFLOP/s':>8s} {'% of matmul':>11s} {'ratio':>7s}")
     for name, seconds in results.items():
-        print(f"  {name:28s} {seconds:7.2f} s  {n_tokens / seconds:8.1f} tok/s")
-    for name, seconds in results.items():
-        if name != "steerjax":
-            print(f"  speed-up vs {name}: {seconds / ours:.2f}x")
+        rate = flops / seconds / 1e9
+        lib = "jax" if name.startswith("steerjax") else "torch"
+        ratio = "" if seconds == ours else f"{seconds / ours:6.2f}x"
+        print(f"  {name:32s} {seconds:9.2f} {n_tokens / seconds:8.1f} {rate:8.1f} {100 * rate / peak[lib]:10.0f}% "
+              f"{ratio:>7s}")
+    return results
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="pin torch and XLA CPU threads (see common.py)")
+    args = p.parse_args()
+    bench = BenchModel(args.model)
+    peak = matmul_gflops()
+    print(f"model {args.model}; torch threads {torch.get_num_threads()}, XLA_FLAGS "
+          f"{os.environ.get('XLA_FLAGS', '').strip() or '-'}; float32 matmul 2048^3: "
+          f"jax {peak['jax']:.1f} GFLOP/s, torch {peak['torch']:.1f} GFLOP/s")
+    run_generation(bench, args.batch, args.new_tokens, args.repeats, peak)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def parse_args(argv):
                    help="dimension of the measured kernel: k smallest singular directions of J (default 32)")
     p.add_argument("--read-layer", type=int, default=None, help="extraction layer (default L // 2)")
     p.add_argument("--quick", action="store_true", help="preset: 1 trait (formality), 8 prompts, 2 seeds")
-    p.add_argument("--out", default="results/logit_equivalence", help="output folder")
+    p.add_argument("--out", default=None, help="output folder (default results/logit_equivalence_<protocol>)")
     args = p.parse_args(argv)
     if args.quick:
         if args.traits == "all":
@@ -70,6 +70,7 @@ def parse_args(argv):
         p.error(f"--n-prompts must be in [1, 100], got {args.n_prompts}")
     if args.seeds < 1:
         p.error(f"--seeds must be >= 1, got {args.seeds}")
+    args.out = args.out or f"results/logit_equivalence_{args.protocol}"
     return args
 
 

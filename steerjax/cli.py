@@ -2,8 +2,21 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Any, Callable
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error (`error: PROG: message (see --help)`, exit code 2) instead of the usage
+    dump, so every bad-input path of every script ends the same way."""
+
+    def __init__(self, description: str | None = None, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(description=description, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
 
 
 def run_cli(parse_args: Callable[[Any], Any], run: Callable[[Any], Any], argv=None) -> int:

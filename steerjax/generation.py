@@ -170,9 +170,9 @@ def generate(lm: LanguageModel, ids, steer: Steer | None = None, max_new_tokens:
         layer, vector, alpha, mode = steer.layer, steer.vector, steer.alpha, steer.positions
     fn = jitted_generate(lm.config, int(max_new_tokens), mode, eos_tuple(lm.config) if stop_at_eos else (),
                          lm.pad_id, bool(return_logits))
-    tokens, mask, logits = fn(lm.params, jnp.asarray(batch.ids), jnp.asarray(batch.attention_mask), jnp.int32(layer),
-                              jnp.asarray(vector, lm.dtype), jnp.asarray(alpha, lm.dtype), row_keys(seed, B),
-                              jnp.float32(temperature), jnp.float32(top_p))
+    tokens, mask, logits = fn(lm.params, lm.to_device(batch.ids), lm.to_device(batch.attention_mask), jnp.int32(layer),
+                              jnp.asarray(vector, lm.dtype), jnp.asarray(alpha, lm.dtype),
+                              lm.to_device(row_keys(seed, B)), jnp.float32(temperature), jnp.float32(top_p))
     return GenerationOutput(np.asarray(tokens), np.asarray(mask), T, logits)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -52,19 +53,69 @@ def read_json(path: str | os.PathLike) -> Any | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def run_metadata() -> dict[str, Any]:
-    """Versions and environment recorded with every result file."""
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
+    """Hex SHA-256 of a file, read in 16 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def model_identity(lm) -> dict[str, Any]:
+    """What pins the model of a result: its spec, dtype, config and the SHA-256 of every file the weights
+    were read from (GGUF file, or config.json + safetensors files), plus one combined hash. Hashes are cached
+    per file path and size/mtime for the process."""
+    files = {Path(f).name: _cached_sha256(str(f)) for f in lm.weight_files}
+    combined = hashlib.sha256("".join(f"{name}:{h};" for name, h in sorted(files.items())).encode()).hexdigest()
+    return {"source": lm.source, "dtype": str(np.dtype(lm.dtype)), "config": lm.config.to_dict(),
+            "files_sha256": files, "sha256": combined if files else None}
+
+
+_HASHES: dict[tuple, str] = {}
+
+
+def _cached_sha256(path: str) -> str:
+    stat = os.stat(path)
+    key = (path, stat.st_size, stat.st_mtime_ns)
+    if key not in _HASHES:
+        _HASHES[key] = file_sha256(path)
+    return _HASHES[key]
+
+
+def run_metadata(lm=None, seeds: Any = None) -> dict[str, Any]:
+    """Versions and environment recorded with every result file; with `lm`, the model's identity
+    (`model_identity`), and the run's seeds when given."""
     import flax
     import jax
 
     import steerjax
 
-    return {
+    meta = {
         "steerjax": steerjax.__version__, "jax": jax.__version__, "flax": flax.__version__,
         "numpy": np.__version__, "python": sys.version.split()[0], "platform": platform.platform(),
-        "backend": jax.default_backend(), "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "argv": sys.argv,
+        "backend": jax.default_backend(), "x64": bool(jax.config.jax_enable_x64),
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "argv": sys.argv,
     }
+    if lm is not None:
+        meta["model"] = model_identity(lm)
+    if seeds is not None:
+        meta["seeds"] = seeds
+    return meta
+
+
+# keys whose values differ between two runs of the same computation (clock, command line, timings)
+VOLATILE_KEYS = ("meta", "started", "argv", "seconds", "seconds_total", "jacobian_seconds", "fit_seconds", "elapsed")
+
+
+def strip_volatile(obj: Any) -> Any:
+    """obj without wall-clock data (run metadata, timings): what two runs with the same seed must agree on."""
+    if isinstance(obj, dict):
+        return {k: strip_volatile(v) for k, v in obj.items()
+                if k not in VOLATILE_KEYS and not k.endswith("_seconds")}
+    if isinstance(obj, list):
+        return [strip_volatile(v) for v in obj]
+    return obj
 
 
 def _normalised(obj: Any) -> Any:

@@ -146,6 +146,13 @@ def _compiled(config, observable: str, positions: str, recompute: bool, chunk: i
     def last_probs(params, tail_params, ctx):
         return jax.nn.softmax(observe(config, params, tail(tail_params, ctx, zero(ctx)), "logits"))
 
+    def linearise(args):
+        """(J v, J^T u) closures over one linearisation (the primal runs once, not at every product)."""
+        params, tail_params, ctx = args
+        out, jvp_fn = jax.linearize(lambda x: f_obs(params, tail_params, ctx, x), zero(ctx))
+        transpose = jax.linear_transpose(jvp_fn, zero(ctx))
+        return (lambda v: jvp_fn(v).astype(ctx.h.dtype)), (lambda u: transpose(u.astype(out.dtype))[0])
+
     def gram_sum(args, v):
         params, tail_params, ctx = args
         return jnp.sum(jax.vmap(gram_matvec, in_axes=(None, None, 0, None))(params, tail_params, ctx, v), axis=0)
@@ -155,6 +162,9 @@ def _compiled(config, observable: str, positions: str, recompute: bool, chunk: i
         # un-jitted, args-first single-prompt / stacked products for the Lanczos solvers
         "matvec_one": lambda args, v: matvec(*args, v),
         "rmatvec_one": lambda args, u: rmatvec(*args, u),
+        "linearise": linearise,  # prepare step for Lanczos: then matvec = args[0], rmatvec = args[1]
+        "linear_matvec": lambda fns, v: fns[0](v),
+        "linear_rmatvec": lambda fns, u: fns[1](u),
         "gram_sum": gram_sum,
         "matvec": over_prompts(matvec, 0),
         "rmatvec": over_prompts(rmatvec, 0),
@@ -225,7 +235,8 @@ class JacobianOperator:
         self.layer = int(self.layer)
         self.tail_params = jax.tree.map(lambda x: x[self.layer:], self.lm.params["blocks"])
         self.ctx = _tail_context(self.lm.config, self.lm.params,
-                                 TokenBatch(jnp.asarray(self.batch.ids), jnp.asarray(self.batch.attention_mask)),
+                                 TokenBatch(self.lm.to_device(self.batch.ids),
+                                            self.lm.to_device(self.batch.attention_mask)),
                                  self.layer)
         self._fns = _compiled(self.lm.config, self.observable, self.positions, self.recompute, self.chunk)
 
@@ -267,8 +278,9 @@ class JacobianOperator:
     def top_singular(self, k: int, prompt: int = 0, steps: int | None = None, seed: int = 0) -> lanczos.SVDResult:
         """Top-k singular triplets of J_prompt by Golub-Kahan (matrix-free: jvp / vjp only)."""
         args = (self.lm.params, self.tail_params, self.prompt_context(prompt))
-        return lanczos.top_singular_triplets(self._fns["matvec_one"], self._fns["rmatvec_one"], args,
-                                             self.lm.config.vocab_size, self.lm.d, k, steps, seed, self.lm.dtype)
+        return lanczos.top_singular_triplets(self._fns["linear_matvec"], self._fns["linear_rmatvec"], args,
+                                             self.lm.config.vocab_size, self.lm.d, k, steps, seed, self.lm.dtype,
+                                             prepare=self._fns["linearise"])
 
     def top_stacked(self, k: int, n_prompts: int | None = None, steps: int | None = None,
                     seed: int = 0) -> lanczos.SVDResult:

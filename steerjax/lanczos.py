@@ -37,25 +37,32 @@ class EighResult(NamedTuple):
 
 def _orthogonalise(x, basis, count):
     """x minus its projection on the first `count` rows of basis (m, n), twice; returns (x, norm)."""
-    live = (jnp.arange(basis.shape[0]) < count).astype(x.dtype)[:, None]
-    for _ in range(2):
-        x = x - (live * basis).T @ ((live * basis) @ x)
+    live = (jnp.arange(basis.shape[0]) < count).astype(x.dtype)
+    for _ in range(2):  # masking the (m,) coefficients, not the (m, n) basis: no copy of the basis per step
+        x = x - basis.T @ (live * (basis @ x))
     return x, jnp.linalg.norm(x)
 
 
 def _normalise_or_restart(x, norm, basis, count, fresh, scale):
     """x / norm, or (breakdown: norm <= tol * scale) a fresh unit vector orthogonal to the basis."""
     tol = 100 * jnp.finfo(x.dtype).eps * scale
-    fresh, fresh_norm = _orthogonalise(fresh, basis, count)
-    broke = norm <= tol
-    vector = jnp.where(broke, fresh / fresh_norm, x / jnp.where(broke, 1.0, norm))
-    return vector, jnp.where(broke, 0.0, norm)
+
+    def restart(_):
+        unit, unit_norm = _orthogonalise(fresh, basis, count)
+        return unit / unit_norm, jnp.zeros_like(norm)
+
+    return jax.lax.cond(norm <= tol, restart, lambda _: (x / norm, norm), None)
 
 
-@functools.partial(jax.jit, static_argnames=("matvec", "rmatvec", "n", "d", "steps", "dtype"))
-def golub_kahan(matvec: Callable, rmatvec: Callable, args, n: int, d: int, steps: int, key, dtype=jnp.float32):
+@functools.partial(jax.jit, static_argnames=("matvec", "rmatvec", "n", "d", "steps", "dtype", "prepare"))
+def golub_kahan(matvec: Callable, rmatvec: Callable, args, n: int, d: int, steps: int, key, dtype=jnp.float32,
+                prepare: Callable | None = None):
     """`steps` rounds of Golub-Kahan-Lanczos bidiagonalisation: A V = U B with B upper bidiagonal.
+    prepare(args), if given, runs once inside the compiled program before the loop and its result is what
+    matvec / rmatvec receive (e.g. a linearised operator, so no step recomputes a primal).
     Returns (alpha (steps,), beta (steps,) superdiagonal, U (steps, n), V (steps, d))."""
+    if prepare is not None:
+        args = prepare(args)
     k_start, k_u, k_v = jax.random.split(key, 3)
     fresh_u = jax.random.normal(k_u, (steps, n), dtype)
     fresh_v = jax.random.normal(k_v, (steps + 1, d), dtype)
@@ -82,13 +89,14 @@ def golub_kahan(matvec: Callable, rmatvec: Callable, args, n: int, d: int, steps
 
 
 def top_singular_triplets(matvec: Callable, rmatvec: Callable, args, n: int, d: int, k: int,
-                          steps: int | None = None, seed: int = 0, dtype=jnp.float32) -> SVDResult:
+                          steps: int | None = None, seed: int = 0, dtype=jnp.float32,
+                          prepare: Callable | None = None) -> SVDResult:
     """Top-k singular triplets of A (n x d) from `steps` >= k Golub-Kahan rounds (default
-    min(d, max(2k + 20, 40)))."""
+    min(d, max(2k + 20, 40))); `prepare` as in `golub_kahan`."""
     steps = min(d, n, steps or max(2 * k + 20, 40))
     if not 0 < k <= steps:
         raise ValueError(f"need 0 < k <= steps <= min(n, d); got k={k}, steps={steps}, n={n}, d={d}")
-    alpha, beta, U, V = golub_kahan(matvec, rmatvec, args, n, d, steps, jax.random.PRNGKey(seed), dtype)
+    alpha, beta, U, V = golub_kahan(matvec, rmatvec, args, n, d, steps, jax.random.PRNGKey(seed), dtype, prepare)
     bidiag = jnp.diag(alpha) + jnp.diag(beta, 1)
     p, s, qt = jnp.linalg.svd(bidiag)
     return SVDResult(s[:k], U.T @ p[:, :k], V.T @ qt[:k].T)

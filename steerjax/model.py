@@ -14,7 +14,7 @@ import numpy as np
 from steerjax.errors import InputError, SteerjaxError
 from steerjax.models import causal_lm
 from steerjax.models.config import ModelConfig
-from steerjax.models.loading import params_from_hf_state, read_gguf, read_hf_folder, resolve_spec
+from steerjax.models.loading import params_from_hf_state, read_gguf, read_hf_folder, resolve_spec, safetensors_files
 from steerjax.steering import Steer, position_mask, steer_delta
 
 DTYPES = {"float32": jnp.float32, "float64": jnp.float64, "bfloat16": jnp.bfloat16}
@@ -80,6 +80,8 @@ class LanguageModel:
     tokenizer_loader: Any = None
     _tokenizer: Any = dataclasses.field(default=None, repr=False)
     cache: dict = dataclasses.field(default_factory=dict, repr=False)  # per-model derived data (e.g. W_U QR)
+    mesh: Any = None  # jax.sharding.Mesh when params are sharded (steerjax.sharding.shard_model)
+    weight_files: tuple[str, ...] = ()  # the files the weights were read from (config.json + safetensors, or a .gguf)
 
     @property
     def num_layers(self) -> int:
@@ -130,6 +132,15 @@ class LanguageModel:
         ids = np.atleast_2d(np.asarray(ids))
         return [self.tokenizer.decode(row, skip_special_tokens=True) for row in ids]
 
+    def to_device(self, x):
+        """An array with a leading prompt axis on device: split over the mesh's 'data' axis for a sharded
+        model (steerjax.sharding.shard_batch), else on the default device."""
+        if self.mesh is None:
+            return jnp.asarray(x)
+        from steerjax.sharding import shard_batch
+
+        return shard_batch(x, self.mesh)
+
     def check_ids(self, batch: TokenBatch) -> None:
         ids = np.asarray(batch.ids)
         if ids.min() < 0 or ids.max() >= self.config.vocab_size:
@@ -149,7 +160,8 @@ class LanguageModel:
         self.check_ids(batch)
         layer, delta = self.steer_inputs(steer, batch, prompt_len)
         fn = causal_lm.jitted_forward(self.config, bool(return_hidden))
-        logits, hidden = fn(self.params, jnp.asarray(batch.ids), jnp.asarray(batch.attention_mask), layer, delta)
+        logits, hidden = fn(self.params, self.to_device(batch.ids), self.to_device(batch.attention_mask), layer,
+                            self.to_device(delta))
         return ForwardOutput(logits, list(hidden) if return_hidden else None)
 
     def steer_inputs(self, steer: Steer | None, batch: TokenBatch, prompt_len: int | None = None):
@@ -185,12 +197,14 @@ def load_model(spec: str | os.PathLike | None = None, dtype: str = "float32", ca
     if kind == "gguf":
         config, state = read_gguf(path)
         tokenizer_loader = lambda: _gguf_tokenizer(path)  # noqa: E731
+        files = (path,)
     else:
         config, state = read_hf_folder(path)
         tokenizer_loader = (lambda: _hf_tokenizer(path)) if _has_tokenizer(path) else None
+        files = (path / "config.json", *safetensors_files(path))
     params = params_from_hf_state(config, state, jdtype)
     return LanguageModel(config, params, source=str(spec if spec is not None else path),
-                         tokenizer_loader=tokenizer_loader)
+                         tokenizer_loader=tokenizer_loader, weight_files=tuple(str(f) for f in files))
 
 
 def _has_tokenizer(folder: Path) -> bool:

@@ -195,3 +195,10 @@ def test_cli_errors(cli, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["--traits", "sarcasm"])
     assert exc.value.code == 2
+
+
+def test_default_output_folder_depends_on_the_protocol(cli):
+    """A paper-protocol run must not overwrite the corrected run's results (it once did)."""
+    assert cli.parse_args([]).out == "results/logit_equivalence_corrected"
+    assert cli.parse_args(["--protocol", "paper"]).out == "results/logit_equivalence_paper"
+    assert cli.parse_args(["--out", "x"]).out == "x"

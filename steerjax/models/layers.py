@@ -1,7 +1,9 @@
 """Flax NNX modules of a Llama / Qwen2 decoder block: RMSNorm, RoPE, GQA attention, SwiGLU MLP.
 
 Shapes: B batch, T query positions, S key positions, d hidden size, H query heads, K key/value heads,
-h head dim. Matmuls run at HIGHEST precision so float32 results do not depend on the backend.
+h head dim. Matmuls run at HIGHEST precision so float32 results do not depend on the backend. With
+bfloat16 weights every matmul accumulates in float32 (`preferred_element_type`) and rounds its output once;
+RMSNorm statistics, attention scores and softmax, and the logits stay in float32.
 """
 
 from __future__ import annotations
@@ -67,9 +69,21 @@ class RMSNorm(nnx.Module):
         return self.weight[...] * normed.astype(x.dtype)
 
 
-def _linear(fan_in: int, fan_out: int, bias: bool, dtype, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(fan_in, fan_out, use_bias=bias, dtype=dtype, param_dtype=dtype,
-                      precision=HIGHEST, rngs=rngs)
+def accumulation_dtype(dtype) -> jnp.dtype:
+    """Matmul accumulator dtype: float32 for bfloat16 / float32 operands, float64 for float64."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+class Linear(nnx.Linear):
+    """nnx.Linear accumulating in at least float32, output rounded once to the compute dtype."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return super().__call__(x).astype(self.dtype)
+
+
+def _linear(fan_in: int, fan_out: int, bias: bool, dtype, rngs: nnx.Rngs) -> Linear:
+    return Linear(fan_in, fan_out, use_bias=bias, dtype=dtype, param_dtype=dtype, precision=HIGHEST,
+                  preferred_element_type=accumulation_dtype(dtype), rngs=rngs)
 
 
 class Attention(nnx.Module):
@@ -96,11 +110,12 @@ class Attention(nnx.Module):
         B, T = q.shape[:2]
         groups = self.num_heads // self.num_kv_heads
         q = q.reshape(B, T, self.num_kv_heads, groups, self.head_dim)
-        scores = jnp.einsum("btkgh,bskh->bkgts", q, k, precision=HIGHEST) / math.sqrt(self.head_dim)
-        scores = scores.astype(jnp.promote_types(scores.dtype, jnp.float32))
+        acc = accumulation_dtype(v.dtype)
+        scores = jnp.einsum("btkgh,bskh->bkgts", q, k, precision=HIGHEST,
+                            preferred_element_type=acc) / math.sqrt(self.head_dim)
         scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(scores.dtype).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, v, precision=HIGHEST)
+        probs = jax.nn.softmax(scores, axis=-1)  # kept in float32: probs @ v accumulates in float32
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, v.astype(acc), precision=HIGHEST).astype(v.dtype)
         return self.o_proj(out.reshape(B, T, self.num_heads * self.head_dim))
 
     def __call__(self, x, cos, sin, mask, kv_prefix=None):
