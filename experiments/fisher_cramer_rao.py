@@ -36,7 +36,7 @@ import numpy as np
 
 import steerjax as sj
 from steerjax import data, fisher, io, spectrum
-from steerjax.cli import run_cli
+from steerjax.cli import run_cli, study_layer
 
 CHECK_KEYS = ("variance_ratio_mean", "variance_ratio_min", "variance_ratio_max", "variance_ratio_sd",
               "whitened_rel_error", "expected_whitened_rel_error", "frobenius_rel_error",
@@ -190,11 +190,7 @@ def run(args) -> dict:
 
     t0 = time.time()
     lm = sj.load_model(args.model)
-    layer = lm.num_layers // 2 if args.layer is None else args.layer
-    if not 0 <= layer <= lm.num_layers:
-        raise sj.SteeringError(f"--layer {layer} is outside [0, {lm.num_layers}]")
-    if args.trait not in data.TRAITS:
-        raise sj.InputError(f"unknown trait {args.trait!r}; choose one of {', '.join(data.TRAITS)}")
+    layer = study_layer(lm, args.layer, args.trait)
     prompts = data.neutral_eval_prompts()[: args.n_prompts]
     batch = lm.tokenize(prompts)
     rng = np.random.default_rng(args.seed)

@@ -29,7 +29,7 @@ import numpy as np
 
 import steerjax as sj
 from steerjax import data, fisher, io, studies
-from steerjax.cli import run_cli
+from steerjax.cli import run_cli, study_layer
 from steerjax.jacobian import OBSERVABLES
 
 DIRECTIONS = ("v", "v+v_null", "v_null", "v_perp")
@@ -81,11 +81,7 @@ def run(args) -> dict:
 
     t0 = time.time()
     lm = sj.load_model(args.model, dtype=args.dtype)
-    layer = lm.num_layers // 2 if args.layer is None else args.layer
-    if not 0 <= layer <= lm.num_layers:
-        raise sj.SteeringError(f"--layer {layer} is outside [0, {lm.num_layers}]")
-    if args.trait not in data.TRAITS:
-        raise sj.InputError(f"unknown trait {args.trait!r}; choose one of {', '.join(data.TRAITS)}")
+    layer = study_layer(lm, args.layer, args.trait)
     if not 1 <= args.k_smallest < lm.d:
         raise sj.InputError(f"--k-smallest must be in [1, {lm.d - 1}], got {args.k_smallest}")
     prompts = data.neutral_eval_prompts()[: args.n_prompts]

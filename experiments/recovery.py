@@ -28,7 +28,7 @@ import numpy as np
 
 import steerjax as sj
 from steerjax import data, fisher, io, spectrum, studies
-from steerjax.cli import run_cli
+from steerjax.cli import run_cli, study_layer
 
 SPLITS = ("logprobs", "fisher")
 
@@ -104,11 +104,7 @@ def run(args) -> dict:
 
     t0 = time.time()
     lm = sj.load_model(args.model)
-    layer = lm.num_layers // 2 if args.layer is None else args.layer
-    if not 0 <= layer <= lm.num_layers:
-        raise sj.SteeringError(f"--layer {layer} is outside [0, {lm.num_layers}]")
-    if args.trait not in data.TRAITS:
-        raise sj.InputError(f"unknown trait {args.trait!r}; choose one of {', '.join(data.TRAITS)}")
+    layer = study_layer(lm, args.layer, args.trait)
     all_prompts = data.neutral_eval_prompts()[: args.n_prompts + args.n_heldout]
     prompts, heldout = all_prompts[: args.n_prompts], all_prompts[args.n_prompts:]
     op = sj.jacobian_operator(lm, lm.tokenize(all_prompts), layer, observable="logprobs")

@@ -82,3 +82,16 @@ def parse_floats(p, text: str, name: str) -> list[float]:
     if not values or not all(math.isfinite(v) for v in values):
         p.error(f"{name} must be a non-empty comma list of finite numbers, got {text!r}")
     return values
+
+
+def study_layer(lm, layer: int | None, trait: str) -> int:
+    """The steered layer (default L // 2) of a single-trait study, after checking it and the trait name."""
+    from steerjax import data
+    from steerjax.errors import InputError, SteeringError
+
+    layer = lm.num_layers // 2 if layer is None else layer
+    if not 0 <= layer <= lm.num_layers:
+        raise SteeringError(f"--layer {layer} is outside [0, {lm.num_layers}]")
+    if trait not in data.TRAITS:
+        raise InputError(f"unknown trait {trait!r}; choose one of {', '.join(data.TRAITS)}")
+    return layer
