@@ -1,21 +1,25 @@
-"""Markdown tables (the paper's Table 1, Figure 3 numbers, Table 2) from finished study folders.
+"""Markdown tables (the paper's Table 1, Figure 3 numbers, Tables 2 and 3) from finished study folders.
 
     python experiments/report.py results/orthogonal_corrected results/scale_invariance_corrected ...
 
-Each folder must hold the summary JSON of orthogonal.py, scale_invariance.py or environments.py; the kind
+Each folder must hold the summary JSON of orthogonal.py, scale_invariance.py, environments.py or
+logit_equivalence.py; the kind
 is recognised from the file name. Prints Markdown to stdout (used to write docs/results.md).
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from steerjax import cli, io
 from steerjax.errors import InputError
 
-KINDS = ("orthogonal", "scale_invariance", "environments")
+KINDS = ("orthogonal", "scale_invariance", "environments", "logit_equivalence")
+
+# the paper's Table 3 (R, agreement %, top-10 overlap %) per model and trait, for side-by-side reading
+PAPER_TABLE3 = {"Qwen-3B": {"humor": (0.90, 81, 86), "formality": (0.76, 94, 96), "politeness": (0.75, 93, 96)},
+                "Llama-8B": {"humor": (0.64, 96, 90), "formality": (0.49, 93, 95), "politeness": (0.65, 91, 94)}}
 
 
 def _f(x, spec=".3f") -> str:
@@ -92,8 +96,38 @@ def environments_md(result: dict) -> str:
     return "\n".join(lines)
 
 
+def logit_equivalence_md(result: dict) -> str:
+    """Table 3 in the paper's format (R = L2(v, v+v_perp) / L2(v, r), r replacing v), the paper's numbers
+    beside it, then the norm-matched comparison of the three perturbation kinds."""
+    pr, s = result["protocol"], result["settings"]
+    rows = {(r["trait"], r["alpha"], r["kind"]): r for r in result["rows"]}
+    paper_cols = " | ".join(f"paper {m}: R / Agr. / Ovl." for m in PAPER_TABLE3)
+    lines = [f"*{result['model_name']}, {pr['name']} protocol: read h{pr['read_layer']}, steer h{pr['steer_layer']} "
+             f"({pr['positions']}), {s['n_prompts']} prompts x {s['seeds']} seeds, kernel = {s['k_smallest']} smallest "
+             f"singular directions of J*", "",
+             f"| Trait | alpha | R | Agreement% | Overlap% | {paper_cols} |", "|---|---|---|---|---|" + "---|" * len(PAPER_TABLE3)]
+    for t in s["traits"]:
+        for i, a in enumerate(s["alphas"]):
+            r = rows[(t, a, "orthogonal")]
+            paper = " | ".join("{:.2f} / {}% / {}%".format(*PAPER_TABLE3[m][t]) if i == 0 and t in PAPER_TABLE3[m]
+                               else "" for m in PAPER_TABLE3)
+            lines.append(f"| {t} | {a:g} | {r['R_vs_paper_random']:.2f} | {r['top1_mean']:.0%} | {r['top10_mean']:.0%} "
+                         f"| {paper} |")
+    lines += ["", "Norm-matched perturbations (‖delta‖ = ‖v‖) against steer(v): KL(steer(v) ‖ steer(v + delta)) "
+                  "and, in brackets, top-1 agreement; J-ratio = ‖J delta‖ / ‖J v‖ for the kernel draws", "",
+              "| Trait | alpha | orthogonal | random | kernel | kernel / orthogonal KL | kernel J-ratio | r replacing v (paper) |",
+              "|---|---|---|---|---|---|---|---|"]
+    for t in s["traits"]:
+        for a in s["alphas"]:
+            cell = lambda k: f"{rows[(t, a, k)]['kl_mean']:.2e} ({rows[(t, a, k)]['top1_mean']:.0%})"  # noqa: E731
+            ker = rows[(t, a, "kernel")]
+            lines.append(f"| {t} | {a:g} | {cell('orthogonal')} | {cell('random')} | {cell('kernel')} | "
+                         f"{ker['kl_vs_orthogonal']:.3f} | {ker['jvp_ratio_mean']:.1e} | {cell('paper_random')} |")
+    return "\n".join(lines)
+
+
 def folder_markdown(folder: Path) -> str:
-    for kind, fn in zip(KINDS, (orthogonal_md, scale_md, environments_md)):
+    for kind, fn in zip(KINDS, (orthogonal_md, scale_md, environments_md, logit_equivalence_md)):
         result = io.read_json(folder / f"{kind}.json")
         if result is not None:
             return f"### {folder.name}\n\n" + fn(result)
@@ -101,7 +135,7 @@ def folder_markdown(folder: Path) -> str:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__)
     p.add_argument("folders", nargs="+", type=Path, help="result folders of the study scripts")
     return p.parse_args(argv)
 
