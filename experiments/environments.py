@@ -26,7 +26,6 @@ DIR/environments.json, .csv (Table 2), table2.png (Figure 4) and principal_angle
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -38,7 +37,7 @@ from steerjax import behaviour, cli, data, geometry, io, spectrum, stats, studie
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__)
     cli.add_study_arguments(p, n_prompts=25, samples=2, max_new_tokens=0)
     p.add_argument("--environments", default="all", help="'all' or a comma list of the shipped environments")
     p.add_argument("--seeds", type=int, default=3, help="orthogonal directions per trait and environment (default 3)")
@@ -139,7 +138,8 @@ def run(args) -> dict:
                 "samples": args.samples, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
                 "probe": args.probe, "quick": args.quick}
     out_dir = Path(args.out)
-    store = io.UnitStore(out_dir / "environments_units.json", settings, fresh=args.fresh, meta=io.run_metadata())
+    meta = io.run_metadata(lm, seeds={"seed": args.seed, "seeds": args.seeds})
+    store = io.UnitStore(out_dir / "environments_units.json", settings, fresh=args.fresh, meta=meta)
     if store.resumed:
         print(f"resuming: {store.resumed} conditions already done in {store.path}", file=sys.stderr)
     probes = behaviour.make_probes(args.probe, data.TRAITS, lm)
@@ -192,7 +192,7 @@ def run(args) -> dict:
               "protocol": {**protocol.__dict__}, "n_rows_per_condition": args.n_prompts * args.samples,
               "vector_norms": {e: {t: float(np.linalg.norm(v)) for t, v in vs.items()} for e, vs in vectors.items()},
               "environment_vector_raw_norms": raw_norms,
-              "rows": rows, "geometry": geometry_out, "meta": io.run_metadata()}
+              "rows": rows, "geometry": geometry_out, "meta": meta}
     result["seconds_total"] = time.time() - t0
     io.write_json_atomic(out_dir / "environments.json", result)
     io.write_csv(rows, out_dir / "environments.csv")

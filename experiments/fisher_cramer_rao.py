@@ -26,7 +26,6 @@ Writes DIR/fisher_cramer_rao.json, gaussian.csv, categorical.csv and fisher_cram
 
 from __future__ import annotations
 
-import argparse
 import csv
 import sys
 import time
@@ -36,7 +35,7 @@ import numpy as np
 
 import steerjax as sj
 from steerjax import data, fisher, io, spectrum
-from steerjax.cli import run_cli, study_layer
+from steerjax.cli import ArgumentParser, check_trait, run_cli, study_layer
 
 CHECK_KEYS = ("variance_ratio_mean", "variance_ratio_min", "variance_ratio_max", "variance_ratio_sd",
               "whitened_rel_error", "expected_whitened_rel_error", "frobenius_rel_error",
@@ -44,7 +43,7 @@ CHECK_KEYS = ("variance_ratio_mean", "variance_ratio_min", "variance_ratio_max",
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--model", default=None, help="model spec (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--layer", type=int, default=None, help="steered layer (default L // 2)")
     p.add_argument("--n-prompts", type=int, default=8, help="neutral prompts stacked (default 8)")
@@ -84,6 +83,7 @@ def parse_args(argv):
         p.error("--sigma and --prior-sd must be > 0")
     if not 1 <= args.n_prompts <= 100:
         p.error(f"--n-prompts must be in [1, 100], got {args.n_prompts}")
+    check_trait(p, args.trait)
     return args
 
 
@@ -220,7 +220,7 @@ def run(args) -> dict:
         "categorical_model": ("token ~ softmax over the top-K tokens of z_K + J_K v (renormalised, linear in v), "
                               "tokens drawn at v = 0; MLE by optax L-BFGS; bound F^+ / n_tokens, "
                               "F = sum_i J_K,i^T (diag p_i - p_i p_i^T) J_K,i"),
-        "gaussian": [], "categorical": [], "meta": io.run_metadata(),
+        "gaussian": [], "categorical": [], "meta": io.run_metadata(lm, seeds={"seed": args.seed}),
     }
     plots = {"gaussian": {}, "categorical": {}}
     bar = tqdm(total=2 * len(designs), desc="designs", unit="study", file=sys.stderr)

@@ -19,7 +19,6 @@ Writes DIR/linearization.json, linearization.csv and linearization.png.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import sys
 import time
@@ -29,14 +28,14 @@ import numpy as np
 
 import steerjax as sj
 from steerjax import data, fisher, io, studies
-from steerjax.cli import run_cli, study_layer
+from steerjax.cli import ArgumentParser, check_trait, run_cli, study_layer
 from steerjax.jacobian import OBSERVABLES
 
 DIRECTIONS = ("v", "v+v_null", "v_null", "v_perp")
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--model", default=None, help="model spec (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", choices=("float64", "float32"), default="float64",
                    help="model dtype (default float64: the floor of the fit is rounding noise)")
@@ -66,6 +65,7 @@ def parse_args(argv):
         p.error("--fit-max and --noise-factor must be > 0")
     if not 1 <= args.n_prompts <= 100:
         p.error(f"--n-prompts must be in [1, 100], got {args.n_prompts}")
+    check_trait(p, args.trait)
     return args
 
 
@@ -113,7 +113,7 @@ def run(args) -> dict:
                        "v_null": "random combination of the k smallest right singular vectors of J, "
                                  "orthogonal to v, ||v_null|| = ||v||",
                        "v_perp": "Gaussian Gram-Schmidt'ed against v, ||v_perp|| = ||v||"},
-        "rows": [], "curves": [], "meta": io.run_metadata(),
+        "rows": [], "curves": [], "meta": io.run_metadata(lm, seeds={"seed": args.seed}),
     }
     bar = tqdm(total=len(prompts), desc="prompts", unit="prompt", file=sys.stderr)
     for i in range(len(prompts)):

@@ -19,7 +19,6 @@ h[L//2 + 1] (the released code's off-by-one). Writes DIR/logit_equivalence.json,
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 import steerjax as sj
-from steerjax.cli import run_cli
+from steerjax.cli import ArgumentParser, parse_floats, run_cli
 from steerjax import data, io, stats, studies
 
 KINDS = ("orthogonal", "random", "kernel")          # additive, ||delta|| = ||v||
@@ -36,7 +35,7 @@ ALL_KINDS = KINDS + (PAPER_RANDOM,)
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--model", default=None, help="model spec (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--protocol", choices=studies.PROTOCOLS, default="corrected")
     p.add_argument("--traits", default="all", help=f"'all' or a comma list of {','.join(data.TRAITS)}")
@@ -56,12 +55,9 @@ def parse_args(argv):
             args.traits = "formality"
         args.n_prompts = min(args.n_prompts, 8)
         args.seeds = min(args.seeds, 2)
-    try:
-        args.alphas = [float(a) for a in args.alphas.split(",") if a.strip()]
-    except ValueError:
-        p.error(f"--alphas must be a comma list of numbers, got {args.alphas!r}")
-    if not args.alphas or not all(np.isfinite(args.alphas)) or any(a <= 0 for a in args.alphas):
-        p.error("--alphas must be finite positive numbers")
+    args.alphas = parse_floats(p, args.alphas, "--alphas")
+    if 0 in args.alphas:
+        p.error("--alphas must be non-zero (alpha = 0 is the unsteered reference; negative alphas steer along -v)")
     args.traits = list(data.TRAITS) if args.traits == "all" else [t.strip() for t in args.traits.split(",") if t.strip()]
     bad = [t for t in args.traits if t not in data.TRAITS]
     if bad or not args.traits:
@@ -146,7 +142,7 @@ def run(args) -> dict:
                   "kernel": "v + k, k in measured ker(J), orthogonalised against v, ||k|| = ||v||",
                   PAPER_RANDOM: "r replaces v, ||r|| = ||v|| (the paper's denominator; shift ||r - v|| ~ "
                                 "sqrt(2)||v||)"},
-        "vectors": {}, "rows": [], "meta": io.run_metadata(),
+        "vectors": {}, "rows": [], "meta": io.run_metadata(lm, seeds={"seed": args.seed, "seeds": args.seeds}),
     }
     todo = [(t, a) for t in args.traits for a in args.alphas]
     bar = tqdm(total=len(todo), desc="trait x alpha", unit="cond", file=sys.stderr)

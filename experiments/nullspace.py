@@ -7,7 +7,6 @@ same settings resumes), spectrum.png, effective_rank.png, stacked_null_dim.png, 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -16,14 +15,14 @@ from pathlib import Path
 import numpy as np
 
 import steerjax as sj
-from steerjax.cli import run_cli
+from steerjax.cli import ArgumentParser, run_cli
 from steerjax import data, geometry, io, plotting
 from steerjax.extraction import last_token_states_all_layers, vector_from_states
 from steerjax.jacobian import JACOBIAN_POSITIONS, OBSERVABLES
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--model", default=None, help="HF folder, HF model id in the local cache, or .gguf "
                                                  "(default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--layers", default="default",
@@ -54,7 +53,10 @@ def read_prompts(spec: str) -> list[str]:
     path = Path(spec)
     if not path.is_file():
         raise sj.InputError(f"prompt file not found: {path}")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise sj.InputError(f"prompt file {path} is not UTF-8 text: {err}") from err
     if path.suffix == ".json":
         try:
             loaded = json.loads(text)
@@ -147,7 +149,8 @@ def run(args) -> dict:
         "vocab_size": lm.config.vocab_size, "observable": args.observable, "positions": args.positions,
         "method": args.method, "dtype": args.dtype, "noise_floor": geometry.noise_floor(lm),
         "prompts": [{"text": t, "token_ids": ids} for t, ids in zip(prompts, token_ids)],
-        "settings": key, "config": lm.config.to_dict(), "meta": io.run_metadata(), "complete": False,
+        "settings": key, "config": lm.config.to_dict(), "meta": io.run_metadata(lm, seeds={"seed": args.seed}),
+        "complete": False,
         "layers": [done[l] for l in layers if l in done],
     }
     if done:

@@ -25,7 +25,6 @@ DIR/effect_sizes.png, and prints Table 1.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ from steerjax import behaviour, cli, data, io, stats, studies
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__)
     cli.add_study_arguments(p, n_prompts=20, samples=5, max_new_tokens=40)
     p.add_argument("--seeds", type=int, default=10, help="orthogonal directions per trait (default 10)")
     p.add_argument("--seed-counts", default="5,10", help="n for the Table 1 rows: mean +- sd over the first n seeds")
@@ -48,7 +47,8 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.quick:
         args.n_prompts, args.samples, args.max_new_tokens = min(args.n_prompts, 4), min(args.samples, 2), min(args.max_new_tokens, 16)
-        args.seeds, args.seed_counts = min(args.seeds, 3), "2,3"
+        args.seeds = min(args.seeds, 3)
+        args.seed_counts = ",".join(str(n) for n in range(2, args.seeds + 1))
     cli.check_study_arguments(p, args)
     if args.seeds < 2:
         p.error(f"--seeds must be >= 2 (Table 1 reports a spread over seeds), got {args.seeds}")
@@ -120,7 +120,8 @@ def run(args) -> dict:
                 "positions": protocol.positions, "traits": args.traits, "alpha": args.alpha, "seeds": args.seeds,
                 "seed": args.seed, "plan": plan.__dict__, "probe": args.probe, "quick": args.quick}
     out_dir = Path(args.out)
-    store = io.UnitStore(out_dir / "orthogonal_units.json", settings, fresh=args.fresh, meta=io.run_metadata())
+    meta = io.run_metadata(lm, seeds={"seed": args.seed, "seeds": args.seeds})
+    store = io.UnitStore(out_dir / "orthogonal_units.json", settings, fresh=args.fresh, meta=meta)
     if store.resumed:
         print(f"resuming: {store.resumed} of {len(conditions)} conditions already done in {store.path}", file=sys.stderr)
     probes = behaviour.make_probes(args.probe, data.TRAITS, lm)
@@ -132,7 +133,7 @@ def run(args) -> dict:
                               "max_abs_cos_perp": float(np.max(np.abs(perps[t] @ v)) / np.linalg.norm(v) ** 2)}
                           for t, v in vectors.items()},
               "traits": {t: analyse_trait(store, protocol, t, args.seeds, args.seed_counts) for t in args.traits},
-              "seconds_generation": sum(store[k]["seconds"] for k in conditions), "meta": io.run_metadata()}
+              "seconds_generation": sum(store[k]["seconds"] for k in conditions), "meta": meta}
     result["seconds_total"] = time.time() - t0
     io.write_json_atomic(out_dir / "orthogonal.json", result)
     io.write_csv([row for t in args.traits for row in result["traits"][t]["table"]], out_dir / "orthogonal.csv")

@@ -18,7 +18,6 @@ Writes DIR/recovery.json, recovery.csv and recovery.png.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import sys
 import time
@@ -28,13 +27,13 @@ import numpy as np
 
 import steerjax as sj
 from steerjax import data, fisher, io, spectrum, studies
-from steerjax.cli import run_cli, study_layer
+from steerjax.cli import ArgumentParser, check_trait, run_cli, study_layer
 
 SPLITS = ("logprobs", "fisher")
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--model", default=None, help="model spec (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--layer", type=int, default=None, help="steered layer (default L // 2)")
     p.add_argument("--n-prompts", type=int, default=8, help="largest number of observed prompts (default 8)")
@@ -46,6 +45,9 @@ def parse_args(argv):
     p.add_argument("--restarts", type=int, default=4, help="random starts per N (default 4)")
     p.add_argument("--optimizer", choices=("lbfgs", "adam"), default="lbfgs",
                    help="optax L-BFGS (default; its updates stay in the span of the gradients) or Adam")
+    p.add_argument("--linesearch", choices=("backtracking", "zoom"), default="backtracking",
+                   help="L-BFGS line search: backtracking Armijo (default; usually one evaluation per step) or "
+                        "optax's zoom (strong Wolfe; many more evaluations per step under vmap)")
     p.add_argument("--lr", type=float, default=0.05, help="Adam peak learning rate in units of ||v*|| (cosine decay)")
     p.add_argument("--steps", type=int, default=200, help="most optimiser steps (default 200)")
     p.add_argument("--gtol", type=float, default=1e-4,
@@ -78,6 +80,7 @@ def parse_args(argv):
         p.error("--gtol must lie in [0, 1)")
     if not (args.v_scale > 0 and args.start_scale > 0 and args.lr > 0):
         p.error("--v-scale, --start-scale and --lr must be > 0")
+    check_trait(p, args.trait)
     return args
 
 
@@ -85,7 +88,10 @@ def make_optimizer(args, v_norm: float):
     import optax
 
     if args.optimizer == "lbfgs":
-        return None                                      # fisher.minimise's default: optax.lbfgs()
+        if args.linesearch == "zoom":
+            return None                                  # fisher.minimise's default: optax.lbfgs()
+        return optax.lbfgs(linesearch=optax.scale_by_backtracking_linesearch(max_backtracking_steps=30,
+                                                                             store_grad=True))
     return optax.adam(optax.cosine_decay_schedule(args.lr * v_norm, args.steps, alpha=1e-3))
 
 
@@ -135,13 +141,13 @@ def run(args) -> dict:
         "layer": layer, "prompts": prompts, "heldout_prompts": heldout, "trait": args.trait,
         "v_star_norm": v_norm, "h_norm_mean": float(h_norms.mean()),
         "settings": {k: getattr(args, k) for k in ("n_prompts", "schedule", "n_heldout", "v_scale", "start_scale",
-                                                   "restarts", "optimizer", "lr", "steps", "gtol", "eps", "seed",
+                                                   "restarts", "optimizer", "linesearch", "lr", "steps", "gtol", "eps", "seed",
                                                    "quick")},
         "observed_kl_from_unsteered": kl_rows(unsteered[: args.n_prompts], target[: args.n_prompts]),
         "jacobian_seconds": t_jac, "splits": {
             "logprobs": "eigen-split of sum_i J_i^T J_i, J_i = d log softmax / dh at v* (stacked first N prompts)",
             "fisher": "eigen-split of sum_i J_i^T (diag p_i - p_i p_i^T) J_i at v* (logit J_i, p_i = p_i*)"},
-        "designs": [], "meta": io.run_metadata(),
+        "designs": [], "meta": io.run_metadata(lm, seeds={"seed": args.seed}),
     }
     # running triangular factors of the stacked operators (QR updates: no squared condition numbers)
     running = {"logprobs": dict(zip(range(1, args.n_prompts + 1), spectrum.stack_factors(factors))),

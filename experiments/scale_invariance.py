@@ -16,7 +16,6 @@ Writes DIR/scale_invariance_units.json (resumable), DIR/scale_invariance.json, .
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from steerjax import behaviour, cli, data, io, studies
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__)
     cli.add_study_arguments(p, n_prompts=20, samples=5, max_new_tokens=40, traits="formality")
     p.add_argument("--alphas", default="0,0.5,1,2", help="steering strengths (default 0,0.5,1,2)")
     p.add_argument("--seeds", type=int, default=5, help="orthogonal directions v_perp per trait (default 5)")
@@ -113,7 +112,8 @@ def run(args) -> dict:
                 "positions": protocol.positions, "traits": args.traits, "alphas": args.alphas, "seeds": args.seeds,
                 "seed": args.seed, "plan": plan.__dict__, "probe": args.probe, "quick": args.quick}
     out_dir = Path(args.out)
-    store = io.UnitStore(out_dir / "scale_invariance_units.json", settings, fresh=args.fresh, meta=io.run_metadata())
+    meta = io.run_metadata(lm, seeds={"seed": args.seed, "seeds": args.seeds})
+    store = io.UnitStore(out_dir / "scale_invariance_units.json", settings, fresh=args.fresh, meta=meta)
     if store.resumed:
         print(f"resuming: {store.resumed} of {len(conditions)} conditions already done in {store.path}", file=sys.stderr)
     probes = behaviour.make_probes(args.probe, data.TRAITS, lm)
@@ -124,7 +124,7 @@ def run(args) -> dict:
               "protocol": {**protocol.__dict__}, "n_rows_per_condition": plan.n_rows,
               "vector_norms": {t: float(np.linalg.norm(v)) for t, v in vectors.items()}, "rows": rows,
               "max_abs_mean_diff": {t: max(r["abs_mean_diff"] for r in rows if r["trait"] == t) for t in args.traits},
-              "seconds_generation": sum(store[k]["seconds"] for k in conditions), "meta": io.run_metadata()}
+              "seconds_generation": sum(store[k]["seconds"] for k in conditions), "meta": meta}
     result["seconds_total"] = time.time() - t0
     io.write_json_atomic(out_dir / "scale_invariance.json", result)
     io.write_csv([{k: x for k, x in r.items() if not k.startswith("per_seed")} for r in rows],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 
@@ -18,9 +19,18 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
 
+    def parse_args(self, args=None, namespace=None):
+        """argparse's parse_args, plus: an --out that exists must be a folder (checked before any work)."""
+        parsed = super().parse_args(args, namespace)
+        out = getattr(parsed, "out", None)
+        if out is not None and Path(out).exists() and not Path(out).is_dir():
+            self.error(f"--out {out} is a file; pass a folder")
+        return parsed
+
 
 def run_cli(parse_args: Callable[[Any], Any], run: Callable[[Any], Any], argv=None) -> int:
-    """Parse argv, run, and turn a SteerjaxError into `error: ...` on stderr with exit code 2."""
+    """Parse argv, run, and turn a SteerjaxError into `error: ...` on stderr with exit code 2 (an OSError,
+    e.g. an unwritable --out or a full disk, into `error: ...` with exit code 1)."""
     from steerjax.errors import SteerjaxError
 
     args = parse_args(argv)
@@ -29,6 +39,9 @@ def run_cli(parse_args: Callable[[Any], Any], run: Callable[[Any], Any], argv=No
     except SteerjaxError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -69,6 +82,14 @@ def check_study_arguments(p, args) -> None:
         p.error("need at least 2 rows (--n-prompts x --samples) per condition for effect sizes")
     if not (math.isfinite(args.temperature) and args.temperature > 0):
         p.error(f"--temperature must be finite and > 0, got {args.temperature}")
+
+
+def check_trait(p, trait: str) -> None:
+    """An argparse error (before the model loads) unless `trait` is a shipped trait."""
+    from steerjax import data
+
+    if trait not in data.TRAITS:
+        p.error(f"unknown --trait {trait!r}; choose one of {', '.join(data.TRAITS)}")
 
 
 def parse_floats(p, text: str, name: str) -> list[float]:

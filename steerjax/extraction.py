@@ -45,5 +45,11 @@ def extract_vector(lm: LanguageModel, pos_prompts: Sequence[str], neg_prompts: S
     """Steering vector (d,) at `layer` from contrastive prompts (h_l at the last token)."""
     if not pos_prompts or not neg_prompts:
         raise InputError("extraction needs at least one positive and one negative prompt")
-    return vector_from_states(last_token_states(lm, pos_prompts, layer, chat),
-                              last_token_states(lm, neg_prompts, layer, chat), method)
+    pos = last_token_states(lm, pos_prompts, layer, chat)
+    neg = last_token_states(lm, neg_prompts, layer, chat)
+    v = vector_from_states(pos, neg, method)
+    if np.linalg.norm(v) <= 1e-6 * np.linalg.norm(pos, axis=-1).mean():
+        raise SteeringError(f"the extracted vector at layer {layer} is zero (|v| = {np.linalg.norm(v):.1e}): the "
+                            f"positive and negative prompts give the same activations there (identical prompts, or "
+                            f"prompts ending in the same token at layer 0)")
+    return v

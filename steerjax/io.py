@@ -104,15 +104,19 @@ def run_metadata(lm=None, seeds: Any = None) -> dict[str, Any]:
     return meta
 
 
-# keys whose values differ between two runs of the same computation (clock, command line, timings)
+# keys whose values differ between two runs of the same computation (clock, command line, timings); keys
+# starting with "seconds" or ending in "_seconds" are timings too
 VOLATILE_KEYS = ("meta", "started", "argv", "seconds", "seconds_total", "jacobian_seconds", "fit_seconds", "elapsed")
+
+
+def is_volatile(key: str) -> bool:
+    return key in VOLATILE_KEYS or key.startswith("seconds") or key.endswith("_seconds")
 
 
 def strip_volatile(obj: Any) -> Any:
     """obj without wall-clock data (run metadata, timings): what two runs with the same seed must agree on."""
     if isinstance(obj, dict):
-        return {k: strip_volatile(v) for k, v in obj.items()
-                if k not in VOLATILE_KEYS and not k.endswith("_seconds")}
+        return {k: strip_volatile(v) for k, v in obj.items() if not is_volatile(str(k))}
     if isinstance(obj, list):
         return [strip_volatile(v) for v in obj]
     return obj

@@ -117,8 +117,11 @@ class LanguageModel:
         the tokenizer's chat template with the generation prompt; otherwise no template is used."""
         if isinstance(texts, str):
             texts = [texts]
-        if not texts or any(not isinstance(t, str) or not t.strip() for t in texts):
-            raise InputError("prompts must be a non-empty list of non-empty strings")
+        if len(texts) == 0:
+            raise InputError("no prompts to tokenize: the list of prompts is empty")
+        bad = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
+        if bad:
+            raise InputError(f"prompt(s) {bad[:8]} are empty or not strings; every prompt must be non-empty text")
         tok = self.tokenizer
         if chat:
             rendered = [tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
@@ -126,6 +129,11 @@ class LanguageModel:
             seqs = [tok(t, add_special_tokens=False)["input_ids"] for t in rendered]
         else:
             seqs = [tok(t)["input_ids"] for t in texts]
+        context = self.config.max_position_embeddings
+        long = [(i, len(s)) for i, s in enumerate(seqs) if len(s) > context]
+        if long:
+            raise InputError(f"prompt {long[0][0]} has {long[0][1]} tokens, more than the model's context of "
+                             f"{context}" + (f" ({len(long)} prompts are too long)" if len(long) > 1 else ""))
         return left_pad(seqs, self.pad_id)
 
     def decode(self, ids) -> list[str]:

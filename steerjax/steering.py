@@ -50,6 +50,9 @@ class Steer:
                                 f"and dtype {vector.dtype}")
         if not np.all(np.isfinite(vector)):
             raise SteeringError(f"steering vector has {int(np.sum(~np.isfinite(vector)))} NaN/inf entries")
+        if not np.any(vector):
+            raise SteeringError("steering vector has zero norm (it would steer nothing); pass steer=None for an "
+                                "unsteered run")
 
     def check_for(self, config: ModelConfig) -> None:
         """Raise SteeringError if the layer or vector does not fit the model."""

@@ -182,6 +182,9 @@ def _gguf_field(reader, key: str, default=None):
     return default if field is None else field.contents()
 
 
+GGUF_REQUIRED_KEYS = ("embedding_length", "attention.head_count", "feed_forward_length", "block_count")
+
+
 def gguf_config(reader, tensor_shapes: Mapping[str, tuple[int, ...]]) -> ModelConfig:
     arch = _gguf_field(reader, "general.architecture")
     if arch not in ("llama", "qwen2"):
@@ -192,6 +195,9 @@ def gguf_config(reader, tensor_shapes: Mapping[str, tuple[int, ...]]) -> ModelCo
     get = lambda key, default=None: _gguf_field(reader, f"{arch}.{key}", default)  # noqa: E731
     if "token_embd.weight" not in tensor_shapes:
         raise WeightError("GGUF file has no token_embd.weight tensor")
+    missing = [f"{arch}.{k}" for k in GGUF_REQUIRED_KEYS if get(k) is None]
+    if missing:
+        raise WeightError(f"GGUF file lacks required metadata {missing}")
     hidden = int(get("embedding_length"))
     heads = int(get("attention.head_count"))
     scaling: dict[str, Any] = {}
