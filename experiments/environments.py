@@ -205,7 +205,7 @@ def run(args) -> dict:
 
 def plot_table2(result: dict, path: Path) -> None:
     """Figure 4: |d| (mean over seeds) per trait x environment as an annotated heat map."""
-    from steerjax import plotting  # noqa: F401
+    from steerjax import plotting
     import matplotlib.pyplot as plt
 
     s = result["settings"]
@@ -221,14 +221,12 @@ def plot_table2(result: dict, path: Path) -> None:
     plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
     fig.colorbar(im, ax=ax, label="|d(v, v + v_perp)|, mean over seeds")
     ax.set_title(f"{result['model_name']}: {s['protocol']} protocol, steer h{s['steer_layer']}", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plotting.save_figure(fig, path)
 
 
 def plot_angles(result: dict, path: Path) -> None:
     """Mean cos^2 of principal angles between environments' bottom-k subspaces vs the random level."""
-    from steerjax import plotting  # noqa: F401
+    from steerjax import plotting
     import matplotlib.pyplot as plt
 
     g = result["geometry"]
@@ -249,9 +247,7 @@ def plot_angles(result: dict, path: Path) -> None:
     random_level = g["k_smallest"] / result["d"]
     ax.set_title(f"bottom-{g['k_smallest']} singular subspaces of stacked J at h{g['layer']} "
                  f"(random subspaces: {random_level:.2f})", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plotting.save_figure(fig, path)
 
 
 def _f(x, spec=".2f") -> str:

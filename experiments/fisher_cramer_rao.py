@@ -26,7 +26,6 @@ Writes DIR/fisher_cramer_rao.json, gaussian.csv, categorical.csv and fisher_cram
 
 from __future__ import annotations
 
-import csv
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ import numpy as np
 
 import steerjax as sj
 from steerjax import data, fisher, io, spectrum
-from steerjax.cli import ArgumentParser, check_trait, run_cli, study_layer
+from steerjax.cli import ArgumentParser, fmt_or_dash, check_trait, run_cli, study_layer
 
 CHECK_KEYS = ("variance_ratio_mean", "variance_ratio_min", "variance_ratio_max", "variance_ratio_sd",
               "whitened_rel_error", "expected_whitened_rel_error", "frobenius_rel_error",
@@ -247,8 +246,8 @@ def run(args) -> dict:
     result["seconds_total"] = time.time() - t0
     out_dir = Path(args.out)
     io.write_json_atomic(out_dir / "fisher_cramer_rao.json", result)
-    write_csv(result["gaussian"], out_dir / "gaussian.csv")
-    write_csv(result["categorical"], out_dir / "categorical.csv")
+    io.write_csv(result["gaussian"], out_dir / "gaussian.csv")
+    io.write_csv(result["categorical"], out_dir / "categorical.csv")
     plot(result, plots, out_dir / "fisher_cramer_rao.png")
     print_tables(result)
     print(f"wrote {out_dir / 'fisher_cramer_rao.json'}, gaussian.csv, categorical.csv and fisher_cramer_rao.png "
@@ -256,18 +255,10 @@ def run(args) -> dict:
     return result
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def plot(result: dict, plots: dict, path: Path) -> None:
     """Left: Gaussian per-direction empirical variance / bound against the bound (smallest eps, every design);
     middle: the same for the categorical MLE; right: sqrt-eigenvalue spectra of the Gaussian Fisher."""
-    from steerjax import plotting  # noqa: F401  (sets the Agg backend)
+    from steerjax import plotting
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.3))
@@ -298,13 +289,7 @@ def plot(result: dict, plots: dict, path: Path) -> None:
     for ax in axes:
         ax.legend(fontsize=7)
     fig.suptitle(f"{result['model_name']}: Cramér-Rao check at layer {result['layer']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _fmt(x, spec):
-    return "-" if x is None else format(x, spec)
+    plotting.save_figure(fig, path)
 
 
 def print_tables(result: dict) -> None:
@@ -319,8 +304,8 @@ def print_tables(result: dict) -> None:
         print(f"{r['n_prompts']:>3} {r['eps']:>7.0e} {r['rank']:>5} {r['null_dim']:>5} {r['variance_ratio_mean']:>10.4f} "
               f"{r['variance_ratio_min']:>6.3f} {r['variance_ratio_max']:>6.3f} {r['whitened_rel_error']:>10.4f} "
               f"{r['expected_whitened_rel_error']:>8.4f} {r['ls_null_fraction_max']:>8.1e} "
-              f"{_fmt(r['null_information_times_tau2'], '>14.1e')} {_fmt(r['map_null_minus_prior_rel_max'], '>10.1e')} {_fmt(r['map_null_variance_over_tau2'], '>17.4f')} "
-              f"{_fmt(r['gd_null_moved_rel_max'], '>13.1e')}")
+              f"{fmt_or_dash(r['null_information_times_tau2'], '>14.1e')} {fmt_or_dash(r['map_null_minus_prior_rel_max'], '>10.1e')} {fmt_or_dash(r['map_null_variance_over_tau2'], '>17.4f')} "
+              f"{fmt_or_dash(r['gd_null_moved_rel_max'], '>13.1e')}")
     print(f"\ncategorical model: top-{s['top_k']} tokens, {s['n_tokens']} tokens per prompt, {s['replicates']} "
           f"replicates, MLE by L-BFGS (MC sd per direction {np.sqrt(2 / (s['replicates'] - 1)):.3f})")
     print(f"{'N':>3} {'rank':>5} {'N(K-1)':>6} {'ratio mean':>10} {'min':>6} {'max':>6} {'whiten err':>10} {'(MC exp)':>8} "
@@ -329,7 +314,7 @@ def print_tables(result: dict) -> None:
         print(f"{r['n_prompts']:>3} {r['rank']:>5} {r['expected_rank']:>6} {r['variance_ratio_mean']:>10.4f} "
               f"{r['variance_ratio_min']:>6.3f} {r['variance_ratio_max']:>6.3f} {r['whitened_rel_error']:>10.4f} "
               f"{r['expected_whitened_rel_error']:>8.4f} {r['bias_whitened']:>11.3f} {r['min_expected_count']:>9.0f} "
-              f"{_fmt(r['null_moved_rel_max'], '>10.1e')}")
+              f"{fmt_or_dash(r['null_moved_rel_max'], '>10.1e')}")
 
 
 def main(argv=None) -> int:

@@ -19,7 +19,6 @@ Writes DIR/linearization.json, linearization.csv and linearization.png.
 
 from __future__ import annotations
 
-import csv
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ import numpy as np
 
 import steerjax as sj
 from steerjax import data, fisher, io, studies
-from steerjax.cli import ArgumentParser, check_trait, run_cli, study_layer
+from steerjax.cli import ArgumentParser, fmt_or_dash, check_trait, run_cli, study_layer
 from steerjax.jacobian import OBSERVABLES
 
 DIRECTIONS = ("v", "v+v_null", "v_null", "v_perp")
@@ -152,7 +151,8 @@ def run(args) -> dict:
     result["seconds_total"] = time.time() - t0
     out_dir = Path(args.out)
     io.write_json_atomic(out_dir / "linearization.json", result)
-    write_csv(result["rows"], out_dir / "linearization.csv")
+    io.write_csv([{k: v for k, v in r.items() if k != "fit_error"} for r in result["rows"]],
+                 out_dir / "linearization.csv")
     plot(result, out_dir / "linearization.png")
     print_tables(result)
     print(f"wrote {out_dir / 'linearization.json'}, linearization.csv and linearization.png in {time.time() - t0:.0f} s")
@@ -173,19 +173,10 @@ def summarize(rows: list[dict]) -> dict:
     return out
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    keys = [k for k in rows[0] if k != "fit_error"]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def plot(result: dict, path: Path) -> None:
     """Left: residual r(a) (log-log) per direction, every prompt, with the fitted slope of prompt 0, an a^2
     guide and the rounding floor; right: r(a) / ||a s J w||."""
-    from steerjax import plotting  # noqa: F401  (sets the Agg backend)
+    from steerjax import plotting
     import matplotlib.pyplot as plt
 
     a = np.asarray(result["a_values"])
@@ -214,13 +205,7 @@ def plot(result: dict, path: Path) -> None:
     for ax in axes:
         ax.legend(fontsize=7)
     fig.suptitle(f"{result['model_name']}: {len(result['prompts'])} prompts (prompt 0 solid)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _fmt(x, spec):
-    return "-" if x is None else format(x, spec)
+    plotting.save_figure(fig, path)
 
 
 def print_tables(result: dict) -> None:
@@ -230,11 +215,11 @@ def print_tables(result: dict) -> None:
           f"{'a_10%':>8} {'||Jw||/||Jv||':>13}")
     for r in result["rows"]:
         rng = f"{r['a_fit_min']:.0e}..{r['a_fit_max']:.0e}" if r["a_fit_min"] is not None else "-"
-        print(f"{r['prompt']:>6} {r['direction']:<9} {_fmt(r['slope'], '>7.3f')} {r['n_fit']:>5} {rng:>17} "
-              f"{_fmt(r['large_a_slope'], '>13.2f')} {_fmt(r['a_10pct'], '>8.1e')} {r['jw_over_jv']:>13.2e}")
+        print(f"{r['prompt']:>6} {r['direction']:<9} {fmt_or_dash(r['slope'], '>7.3f')} {r['n_fit']:>5} {rng:>17} "
+              f"{fmt_or_dash(r['large_a_slope'], '>13.2f')} {fmt_or_dash(r['a_10pct'], '>8.1e')} {r['jw_over_jv']:>13.2e}")
     print("\nsummary (over prompts): " + "; ".join(
-        f"{k}: slope {_fmt(s['slope_median'], '.3f')} [{_fmt(s['slope_min'], '.3f')}, {_fmt(s['slope_max'], '.3f')}], "
-        f"a_10% {_fmt(s['a_10pct_median'], '.1e')}" for k, s in result["summary"].items()))
+        f"{k}: slope {fmt_or_dash(s['slope_median'], '.3f')} [{fmt_or_dash(s['slope_min'], '.3f')}, {fmt_or_dash(s['slope_max'], '.3f')}], "
+        f"a_10% {fmt_or_dash(s['a_10pct_median'], '.1e')}" for k, s in result["summary"].items()))
 
 
 def main(argv=None) -> int:

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 import steerjax as sj
-from steerjax.cli import ArgumentParser, parse_floats, run_cli
+from steerjax.cli import ArgumentParser, fmt_or_dash, parse_floats, run_cli
 from steerjax import data, io, stats, studies
 
 KINDS = ("orthogonal", "random", "kernel")          # additive, ||delta|| = ||v||
@@ -194,7 +194,7 @@ def run(args) -> dict:
 
 def plot_kl(result: dict, path: Path) -> None:
     """Mean KL(steer(v) || steer(v + delta)) against alpha, one line per kind, one panel per trait."""
-    from steerjax import plotting  # noqa: F401  (sets the Agg backend)
+    from steerjax import plotting
     import matplotlib.pyplot as plt
 
     traits = result["settings"]["traits"]
@@ -212,13 +212,7 @@ def plot_kl(result: dict, path: Path) -> None:
         ax.legend(fontsize=7)
     p = result["protocol"]
     fig.suptitle(f"{result['model_name']}: {p['name']} protocol (read h{p['read_layer']}, steer h{p['steer_layer']})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _fmt(x, spec):
-    return "-" if x is None else format(x, spec)
+    plotting.save_figure(fig, path)
 
 
 def print_tables(result: dict) -> None:
@@ -240,7 +234,7 @@ def print_tables(result: dict) -> None:
     print(head)
     for r in rows:
         print(f"{r['trait']:<11} {r['alpha']:>5g} {r['kind']:<12} {r['l2_mean']:>8.3g} {r['R_vs_random']:>6.2f} "
-              f"{r['l2_rel_steer']:>6.2f} {r['kl_mean']:>9.2e} {_fmt(r['kl_vs_orthogonal'], '>8.2g')} "
+              f"{r['l2_rel_steer']:>6.2f} {r['kl_mean']:>9.2e} {fmt_or_dash(r['kl_vs_orthogonal'], '>8.2g')} "
               f"{100 * r['top1_mean']:>6.0f} {100 * r['top10_mean']:>6.0f} {r['jvp_ratio_mean']:>8.2g}")
     steer = {(r["trait"], r["alpha"]): r for r in rows}
     print("\nsteering effect (unsteered vs steer(v)): " + "; ".join(

@@ -153,7 +153,7 @@ def _title(result) -> str:
 def plot_perp_only(result: dict, path: Path) -> None:
     """Figure 2: per-seed perp-only efficacy per trait, with the paper's raw ratio beside the
     baseline-subtracted one."""
-    from steerjax import plotting  # noqa: F401  (Agg backend)
+    from steerjax import plotting
     import matplotlib.pyplot as plt
 
     traits = list(result["traits"])
@@ -170,14 +170,12 @@ def plot_perp_only(result: dict, path: Path) -> None:
     ax.set(xticks=range(len(traits)), xticklabels=traits, ylabel="perp-only efficacy (per seed)")
     ax.set_title(_title(result), fontsize=8)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plotting.save_figure(fig, path)
 
 
 def plot_effect_sizes(result: dict, path: Path) -> None:
     """Per-seed d(v, v+perp) per trait next to the corrected protocol's controls d(base, v), d(v, 2v)."""
-    from steerjax import plotting  # noqa: F401
+    from steerjax import plotting
     import matplotlib.pyplot as plt
 
     traits = list(result["traits"])
@@ -201,9 +199,7 @@ def plot_effect_sizes(result: dict, path: Path) -> None:
     ax.set(xticks=range(len(traits)), xticklabels=traits, ylabel="|Cohen's d|")
     ax.set_title(_title(result), fontsize=8)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plotting.save_figure(fig, path)
 
 
 def _pm(m, s, spec=".3f") -> str:

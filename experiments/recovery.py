@@ -13,12 +13,12 @@ each at eps (row space = sqrt(eigenvalue) > eps * sqrt(max)). Reported per resta
 ||P_null (v - v*)|| relative to ||v*||, the same for the start, the final KL, how far the null component moved
 from the start, and the KL on held-out prompts (not used in the fit). The first N of the prompts are used for
 each N in the schedule, so the null space shrinks as prompts are stacked.
-Writes DIR/recovery.json, recovery.csv and recovery.png.
+Writes DIR/recovery.json, recovery.csv and recovery.png; DIR/recovery_units.json keeps each N's fit as soon
+as it finishes, so a killed run resumes (--fresh starts over).
 """
 
 from __future__ import annotations
 
-import csv
 import sys
 import time
 from pathlib import Path
@@ -27,7 +27,7 @@ import numpy as np
 
 import steerjax as sj
 from steerjax import data, fisher, io, spectrum, studies
-from steerjax.cli import ArgumentParser, check_trait, run_cli, study_layer
+from steerjax.cli import ArgumentParser, fmt_or_dash, check_trait, run_cli, study_layer
 
 SPLITS = ("logprobs", "fisher")
 
@@ -56,6 +56,7 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="preset: N = 1 and 3, 2 held out, 3 restarts, 100 steps")
     p.add_argument("--out", default="results/recovery", help="output folder")
+    p.add_argument("--fresh", action="store_true", help="discard fitted N in --out instead of resuming")
     args = p.parse_args(argv)
     if args.quick:
         args.n_prompts = min(args.n_prompts, 3)
@@ -152,33 +153,42 @@ def run(args) -> dict:
     # running triangular factors of the stacked operators (QR updates: no squared condition numbers)
     running = {"logprobs": dict(zip(range(1, args.n_prompts + 1), spectrum.stack_factors(factors))),
                "fisher": dict(zip(range(1, args.n_prompts + 1), spectrum.stack_factors(fisher_factors)))}
-    # one compiled fit for every (N, restart): prompt weights 1 for the first N observed prompts, 0 after
-    starts, weights = [], []
+    # one fit (all restarts, vmapped) per N, saved as a unit as soon as it finishes: a killed run resumes with
+    # the finished N; every N reuses one compiled program (prompt weights 1 for the first N prompts, 0 after)
+    out_dir = Path(args.out)
+    store = io.UnitStore(out_dir / "recovery_units.json", {"model": lm.source, "layer": layer, **result["settings"]},
+                         fresh=args.fresh, meta=result["meta"])
+    if store.resumed:
+        print(f"resuming: {store.resumed} N already fitted in {store.path}", file=sys.stderr)
+    optimizer = make_optimizer(args, v_norm)
+    starts = {n: np.stack([studies.random_like(v_star, rng) * args.start_scale
+                           for rng in [np.random.default_rng([args.seed, n])] for _ in range(args.restarts)])
+              for n in args.schedule}
     for n in args.schedule:
-        rng = np.random.default_rng([args.seed, n])
-        for _ in range(args.restarts):
-            starts.append(studies.random_like(v_star, rng) * args.start_scale)
-            weights.append(np.arange(args.n_prompts) < n)
-    starts = np.stack(starts)
-    print(f"fitting {len(starts)} (N, start) pairs with {args.optimizer} ...", file=sys.stderr)
-    t_fit = time.time()
-    fit = fisher.recover(fn, jnp.asarray(target[: args.n_prompts], lm.dtype), jnp.asarray(starts, lm.dtype), aux_obs,
-                         make_optimizer(args, v_norm), args.steps, gtol=args.gtol, weights=np.stack(weights))
-    v_hat_all = np.asarray(fit.v, np.float64)
-    result["fit_seconds"] = time.time() - t_fit
-    fitted_all = np.stack([np.asarray(fn(jnp.asarray(v, lm.dtype), aux_all), np.float64) for v in v_hat_all])
+        if f"N={n}" in store:
+            continue
+        print(f"fitting N = {n}: {args.restarts} starts with {args.optimizer} ...", file=sys.stderr)
+        t_fit = time.time()
+        weights = np.tile(np.arange(args.n_prompts) < n, (args.restarts, 1))
+        fit = fisher.recover(fn, jnp.asarray(target[: args.n_prompts], lm.dtype), jnp.asarray(starts[n], lm.dtype),
+                             aux_obs, optimizer, args.steps, gtol=args.gtol, weights=weights)
+        store.put(f"N={n}", {"v_hat": np.asarray(fit.v, np.float64), "loss": np.asarray(fit.loss, np.float64),
+                             "grad_norm": np.asarray(fit.grad_norm, np.float64), "n_steps": np.asarray(fit.n_steps),
+                             "history": np.asarray(fit.history, np.float64), "seconds": time.time() - t_fit})
+    result["fit_seconds"] = sum(store[f"N={n}"]["seconds"] for n in args.schedule)
     histories = {}
     bar = tqdm(total=len(args.schedule), desc="N prompts", unit="N", file=sys.stderr)
-    for j, n in enumerate(args.schedule):
+    for n in args.schedule:
+        unit = store[f"N={n}"]
+        v_hat, starts_n = np.asarray(unit["v_hat"], np.float64), starts[n]
+        fitted = np.stack([np.asarray(fn(jnp.asarray(v, lm.dtype), aux_all), np.float64) for v in v_hat])
         splits = {name: dict(zip(args.eps, fisher.factor_splits(running[name][n], args.eps))) for name in SPLITS}
-        sel = slice(j * args.restarts, (j + 1) * args.restarts)
-        v_hat, fitted, starts_n = v_hat_all[sel], fitted_all[sel], starts[sel]
         design = {"n_prompts": n, "null_dim": {}, "restarts": []}
         for name, by_eps in splits.items():
             design["null_dim"][name] = {spectrum.eps_key(e): split.null.shape[1] for e, split in by_eps.items()}
         for r in range(args.restarts):
-            row = {"restart": r, "kl_fit": float(fit.loss[sel][r]), "grad_norm": float(fit.grad_norm[sel][r]),
-                   "n_steps": int(fit.n_steps[sel][r]),
+            row = {"restart": r, "kl_fit": float(unit["loss"][r]), "grad_norm": float(unit["grad_norm"][r]),
+                   "n_steps": int(unit["n_steps"][r]),
                    "kl_observed_mean": float(kl_rows(target[:n], fitted[r][:n]).mean()),
                    "kl_unobserved_mean": (float(kl_rows(target[n:], fitted[r][n:]).mean())
                                           if target.shape[0] > n else None),
@@ -198,14 +208,14 @@ def run(args) -> dict:
                                                 float(np.linalg.norm((v_hat[r] - starts_n[r]) @ split.null) / v_norm))
             design["restarts"].append(row)
         design["pairwise"] = pairwise_spread(v_hat, splits, v_norm)
-        histories[n] = np.asarray(fit.history, np.float64)[sel]
+        histories[n] = np.asarray(unit["history"], np.float64)
         result["designs"].append(design)
         bar.update(1)
     bar.close()
     result["seconds_total"] = time.time() - t0
-    out_dir = Path(args.out)
     io.write_json_atomic(out_dir / "recovery.json", result)
-    write_csv(result, out_dir / "recovery.csv")
+    io.write_csv([{"n_prompts": d["n_prompts"], **r} for d in result["designs"] for r in d["restarts"]],
+                 out_dir / "recovery.csv")
     plot(result, histories, out_dir / "recovery.png")
     print_tables(result)
     print(f"wrote {out_dir / 'recovery.json'}, recovery.csv and recovery.png in {time.time() - t0:.0f} s")
@@ -228,19 +238,10 @@ def pairwise_spread(v_hat: np.ndarray, splits: dict, v_norm: float) -> dict:
     return out
 
 
-def write_csv(result: dict, path: Path) -> None:
-    rows = [{"n_prompts": d["n_prompts"], **r} for d in result["designs"] for r in d["restarts"]]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def plot(result: dict, histories: dict, path: Path) -> None:
     """Left/middle: row- and null-space error (relative to ||v*||) against eps for each split, one line per N
     (median over restarts; start errors dashed); right: KL during the fit."""
-    from steerjax import plotting  # noqa: F401  (sets the Agg backend)
+    from steerjax import plotting
     import matplotlib.pyplot as plt
 
     eps = result["settings"]["eps"]
@@ -264,9 +265,7 @@ def plot(result: dict, histories: dict, path: Path) -> None:
     axes[2].legend(fontsize=7)
     fig.suptitle(f"{result['model_name']}: recovering v* (||v*|| = {result['v_star_norm']:.1f}) at layer "
                  f"{result['layer']} from {result['settings']['restarts']} random starts")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plotting.save_figure(fig, path)
 
 
 def _median(values) -> float:
@@ -277,10 +276,6 @@ def _median(values) -> float:
 
 def _eps_key(e: float) -> str:
     return spectrum.eps_key(e)
-
-
-def _fmt(x, spec):
-    return "-" if x is None else format(x, spec)
 
 
 def print_tables(result: dict) -> None:
@@ -299,7 +294,7 @@ def print_tables(result: dict) -> None:
                 head += f" {name[:3] + ' ' + _eps_key(e) + ' row/null':>22}"
         print(head)
         for r in design["restarts"]:
-            line = (f"{r['restart']:>5} {r['n_steps']:>5} {r['kl_fit']:>9.2e} {_fmt(r['kl_unobserved_mean'], '>11.2e')} "
+            line = (f"{r['restart']:>5} {r['n_steps']:>5} {r['kl_fit']:>9.2e} {fmt_or_dash(r['kl_unobserved_mean'], '>11.2e')} "
                     f"{r['rel_distance']:>7.3f}")
             for name in SPLITS:
                 for e in s["eps"]:
@@ -309,8 +304,8 @@ def print_tables(result: dict) -> None:
             print(line)
         pw = design["pairwise"]
         print("  between restarts, mean ||P (v_i - v_j)|| / ||v*|| row/null: " + "; ".join(
-            f"{name[:3]} {_eps_key(e)} {_fmt(pw[f'{name}_{_eps_key(e)}_row'], '.2e')}/"
-            f"{_fmt(pw[f'{name}_{_eps_key(e)}_null'], '.3f')}" for name in SPLITS for e in s["eps"]))
+            f"{name[:3]} {_eps_key(e)} {fmt_or_dash(pw[f'{name}_{_eps_key(e)}_row'], '.2e')}/"
+            f"{fmt_or_dash(pw[f'{name}_{_eps_key(e)}_null'], '.3f')}" for name in SPLITS for e in s["eps"]))
 
 
 def main(argv=None) -> int:

@@ -137,7 +137,7 @@ def run(args) -> dict:
 
 def plot_curves(result: dict, path: Path) -> None:
     """Figure 3: mean score vs alpha for v and v + v_perp with 95% bands, one panel per trait."""
-    from steerjax import plotting  # noqa: F401  (Agg backend)
+    from steerjax import plotting
     import matplotlib.pyplot as plt
 
     traits = result["settings"]["traits"]
@@ -158,9 +158,7 @@ def plot_curves(result: dict, path: Path) -> None:
     s = result["settings"]
     fig.suptitle(f"{result['model_name']}: {s['protocol']} protocol\n(read h{s['read_layer']}, steer h{s['steer_layer']}, "
                  f"{result['n_rows_per_condition']} samples/condition, {s['seeds']} v_perp seeds)", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plotting.save_figure(fig, path)
 
 
 def _f(x, spec=".3f") -> str:

@@ -92,6 +92,11 @@ def check_trait(p, trait: str) -> None:
         p.error(f"unknown --trait {trait!r}; choose one of {', '.join(data.TRAITS)}")
 
 
+def fmt_or_dash(x, spec: str) -> str:
+    """format(x, spec), or "-" for None (a value that does not apply)."""
+    return "-" if x is None else format(x, spec)
+
+
 def parse_floats(p, text: str, name: str) -> list[float]:
     """A comma list of finite numbers, or an argparse error naming the flag."""
     import math

@@ -11,6 +11,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+def save_figure(fig, path) -> None:
+    """tight_layout, write `path` at 120 dpi and close the figure."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _layer_colors(n: int):
     return plt.cm.viridis(np.linspace(0, 0.9, max(n, 1)))
 
@@ -28,9 +35,7 @@ def plot_spectra(result: dict, path: Path) -> None:
     ax.set(xlabel="index i", ylabel="sigma_i / sigma_max (median over prompts)",
            title=f"Spectrum of J = d {result['observable']} / d h_l  ({result['model_name']})")
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_effective_ranks(result: dict, path: Path) -> None:
@@ -51,9 +56,7 @@ def plot_effective_ranks(result: dict, path: Path) -> None:
     ax.set(xlabel="layer l", ylabel="effective rank (median over prompts)", yscale="log",
            title="Effective rank of J_l per layer")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_stacked_null_dims(result: dict, path: Path) -> None:
@@ -71,6 +74,4 @@ def plot_stacked_null_dims(result: dict, path: Path) -> None:
     if axes[0][0].get_legend_handles_labels()[0]:
         axes[0][0].legend(fontsize=7)
     fig.suptitle("Null dimension of the stacked Jacobian [J_1; ...; J_N]")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -115,6 +115,22 @@ def test_recovery_cli(patched, tmp_path, capsys):
         r["kl_unobserved_mean"] for r in designs[2]["restarts"])
     assert len(read_csv(out / "recovery.csv")) == 4
     assert (out / "recovery.png").stat().st_size > 10_000
+    # each N's fit is a unit saved when it finishes: drop N = 2 (as a kill after N = 1 would leave it) and
+    # rerun: N = 1 is not refitted, N = 2 is, and the result equals the uninterrupted run's
+    from steerjax import io
+
+    units_path = out / "recovery_units.json"
+    units = json.loads(units_path.read_text())
+    assert set(units["units"]) == {"N=1", "N=2"}
+    first_n1 = units["units"]["N=1"]
+    del units["units"]["N=2"]
+    units_path.write_text(json.dumps(units))
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert "resuming: 1 N already fitted" in err and "fitting N = 1:" not in err and "fitting N = 2:" in err
+    resumed = json.loads(units_path.read_text())["units"]
+    assert resumed["N=1"] == first_n1                           # kept as it was, timing included
+    assert io.strip_volatile(json.loads((out / "recovery.json").read_text())) == io.strip_volatile(result)
 
 
 def test_linearization_cli(patched, monkeypatch, smollm2_f64, tmp_path, capsys):
