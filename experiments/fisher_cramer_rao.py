@@ -189,7 +189,7 @@ def run(args) -> dict:
 
     t0 = time.time()
     lm = sj.load_model(args.model)
-    layer = study_layer(lm, args.layer, args.trait)
+    layer = study_layer(lm, args.layer)
     prompts = data.neutral_eval_prompts()[: args.n_prompts]
     batch = lm.tokenize(prompts)
     rng = np.random.default_rng(args.seed)

@@ -80,7 +80,7 @@ def run(args) -> dict:
 
     t0 = time.time()
     lm = sj.load_model(args.model, dtype=args.dtype)
-    layer = study_layer(lm, args.layer, args.trait)
+    layer = study_layer(lm, args.layer)
     if not 1 <= args.k_smallest < lm.d:
         raise sj.InputError(f"--k-smallest must be in [1, {lm.d - 1}], got {args.k_smallest}")
     prompts = data.neutral_eval_prompts()[: args.n_prompts]

@@ -111,7 +111,7 @@ def run(args) -> dict:
 
     t0 = time.time()
     lm = sj.load_model(args.model)
-    layer = study_layer(lm, args.layer, args.trait)
+    layer = study_layer(lm, args.layer)
     all_prompts = data.neutral_eval_prompts()[: args.n_prompts + args.n_heldout]
     prompts, heldout = all_prompts[: args.n_prompts], all_prompts[args.n_prompts:]
     op = sj.jacobian_operator(lm, lm.tokenize(all_prompts), layer, observable="logprobs")
@@ -161,8 +161,7 @@ def run(args) -> dict:
     if store.resumed:
         print(f"resuming: {store.resumed} N already fitted in {store.path}", file=sys.stderr)
     optimizer = make_optimizer(args, v_norm)
-    starts = {n: np.stack([studies.random_like(v_star, rng) * args.start_scale
-                           for rng in [np.random.default_rng([args.seed, n])] for _ in range(args.restarts)])
+    starts = {n: random_starts(v_star, args.restarts, args.start_scale, np.random.default_rng([args.seed, n]))
               for n in args.schedule}
     for n in args.schedule:
         if f"N={n}" in store:
@@ -220,6 +219,11 @@ def run(args) -> dict:
     print_tables(result)
     print(f"wrote {out_dir / 'recovery.json'}, recovery.csv and recovery.png in {time.time() - t0:.0f} s")
     return result
+
+
+def random_starts(v_star: np.ndarray, restarts: int, scale: float, rng: np.random.Generator) -> np.ndarray:
+    """(restarts, d) random directions of norm scale * ||v*||, drawn in turn from rng."""
+    return np.stack([studies.random_like(v_star, rng) * scale for _ in range(restarts)])
 
 
 def pairwise_spread(v_hat: np.ndarray, splits: dict, v_norm: float) -> dict:

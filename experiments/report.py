@@ -3,8 +3,8 @@
     python experiments/report.py results/orthogonal_corrected results/scale_invariance_corrected ...
 
 Each folder must hold the summary JSON of orthogonal.py, scale_invariance.py, environments.py or
-logit_equivalence.py; the kind
-is recognised from the file name. Prints Markdown to stdout (used to write docs/results.md).
+logit_equivalence.py; the kind is recognised from the file name. Prints Markdown to stdout (used to write
+docs/results.md).
 """
 
 from __future__ import annotations

@@ -110,14 +110,12 @@ def parse_floats(p, text: str, name: str) -> list[float]:
     return values
 
 
-def study_layer(lm, layer: int | None, trait: str) -> int:
-    """The steered layer (default L // 2) of a single-trait study, after checking it and the trait name."""
-    from steerjax import data
-    from steerjax.errors import InputError, SteeringError
+def study_layer(lm, layer: int | None) -> int:
+    """The steered layer (default L // 2) of a single-trait study, checked against the model (the trait
+    name is checked at parse time by `check_trait`)."""
+    from steerjax.errors import SteeringError
 
     layer = lm.num_layers // 2 if layer is None else layer
     if not 0 <= layer <= lm.num_layers:
         raise SteeringError(f"--layer {layer} is outside [0, {lm.num_layers}]")
-    if trait not in data.TRAITS:
-        raise InputError(f"unknown trait {trait!r}; choose one of {', '.join(data.TRAITS)}")
     return layer

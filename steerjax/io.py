@@ -106,7 +106,7 @@ def run_metadata(lm=None, seeds: Any = None) -> dict[str, Any]:
 
 # keys whose values differ between two runs of the same computation (clock, command line, timings); keys
 # starting with "seconds" or ending in "_seconds" are timings too
-VOLATILE_KEYS = ("meta", "started", "argv", "seconds", "seconds_total", "jacobian_seconds", "fit_seconds", "elapsed")
+VOLATILE_KEYS = ("meta", "started", "argv", "elapsed")
 
 
 def is_volatile(key: str) -> bool:
