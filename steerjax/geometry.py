@@ -93,21 +93,24 @@ def analyze_layer_exact(lm: LanguageModel, batch: TokenBatch, layer: int, observ
 
 def analyze_layer_lanczos(lm: LanguageModel, batch: TokenBatch, layer: int, k: int, observable: str = "logits",
                           positions: str = "last", seed: int = 0) -> dict:
-    """Matrix-free study of one layer: top-k singular values per prompt (Golub-Kahan) and of the stacked
-    operator (Lanczos on sum J_i^T J_i). Ranks counted within the top k are lower bounds when every one
+    """Matrix-free study of one layer: top-k singular values per prompt (block Golub-Kahan, run to
+    convergence) and of the stacked operator (Lanczos on sum J_i^T J_i), each with its largest Ritz
+    residual and whether it met the tolerance. Ranks counted within the top k are lower bounds when every one
     of the k values passes the threshold; null dims are then unknown (null)."""
     op = jacobian_operator(lm, batch, layer, observable, positions)
     d = lm.d
 
-    def truncated_entry(s: Sequence[float]) -> dict:
-        s = np.sort(np.asarray(s, np.float64))[::-1]
+    def truncated_entry(res) -> dict:
+        s = np.sort(np.asarray(res.s, np.float64))[::-1]
         ranks = {spectrum.eps_key(e): spectrum.numerical_rank(s, e) for e in spectrum.RANK_EPS}
         return {"singular_values": s, "sigma_max": float(s[0]), "top_k": len(s),
                 "effective_rank": {"numerical_lower_bound": ranks},
-                "null_dim": {key: (d - r if r < len(s) else None) for key, r in ranks.items()}}
+                "null_dim": {key: (d - r if r < len(s) else None) for key, r in ranks.items()},
+                "max_residual_over_sigma_max": float(np.max(np.asarray(res.residuals)) / s[0]),
+                "converged": bool(res.converged)}
 
-    entry = {"layer": layer, "per_prompt": [truncated_entry(op.top_singular(k, prompt=i, seed=seed).s)
+    entry = {"layer": layer, "per_prompt": [truncated_entry(op.top_singular(k, prompt=i, seed=seed))
                                             for i in range(op.num_prompts)]}
-    entry["stacked"] = [{"n_prompts": n, **truncated_entry(op.top_stacked(k, n_prompts=n, seed=seed).s)}
+    entry["stacked"] = [{"n_prompts": n, **truncated_entry(op.top_stacked(k, n_prompts=n, seed=seed))}
                         for n in stacking_schedule(op.num_prompts)]
     return entry

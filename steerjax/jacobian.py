@@ -153,6 +153,15 @@ def _compiled(config, observable: str, positions: str, recompute: bool, chunk: i
         transpose = jax.linear_transpose(jvp_fn, zero(ctx))
         return (lambda v: jvp_fn(v).astype(ctx.h.dtype)), (lambda u: transpose(u.astype(out.dtype))[0])
 
+    def linearise_reduced(args):
+        """Closures (v -> M D v, y -> D^T M^T y) for the reduced operator M D (r x d) with the same singular
+        triplets as J = E M D (see `observable_factor`); D = d norm(h_L)/dx is linearised once."""
+        params, tail_params, ctx, factor = args
+        _, jvp_fn = jax.linearize(lambda x: normed(params, tail_params, ctx, x), zero(ctx))
+        transpose = jax.linear_transpose(jvp_fn, zero(ctx))
+        return (lambda v: factor @ jvp_fn(v).astype(factor.dtype),
+                lambda y: transpose((factor.T @ y).astype(ctx.h.dtype))[0])
+
     def gram_sum(args, v):
         params, tail_params, ctx = args
         return jnp.sum(jax.vmap(gram_matvec, in_axes=(None, None, 0, None))(params, tail_params, ctx, v), axis=0)
@@ -163,11 +172,13 @@ def _compiled(config, observable: str, positions: str, recompute: bool, chunk: i
         "matvec_one": lambda args, v: matvec(*args, v),
         "rmatvec_one": lambda args, u: rmatvec(*args, u),
         "linearise": linearise,  # prepare step for Lanczos: then matvec = args[0], rmatvec = args[1]
+        "linearise_reduced": linearise_reduced,
         "linear_matvec": lambda fns, v: fns[0](v),
         "linear_rmatvec": lambda fns, u: fns[1](u),
         "gram_sum": gram_sum,
         "matvec": over_prompts(matvec, 0),
         "rmatvec": over_prompts(rmatvec, 0),
+        "matvec_block": jax.jit(lambda p, tp, ctx, vs: jax.vmap(lambda v: matvec(p, tp, ctx, v))(vs)),
         "gram_matvec": jax.jit(lambda p, tp, ctx, v: gram_sum((p, tp, ctx), v)),
         "dense": over_prompts(dense),
         "normed_jacobian": over_prompts(normed_jacobian),
@@ -275,23 +286,50 @@ class JacobianOperator:
     def prompt_context(self, index: int) -> TailContext:
         return jax.tree.map(lambda x: x[index], self.ctx)
 
-    def top_singular(self, k: int, prompt: int = 0, steps: int | None = None, seed: int = 0) -> lanczos.SVDResult:
-        """Top-k singular triplets of J_prompt by Golub-Kahan (matrix-free: jvp / vjp only)."""
-        args = (self.lm.params, self.tail_params, self.prompt_context(prompt))
-        return lanczos.top_singular_triplets(self._fns["linear_matvec"], self._fns["linear_rmatvec"], args,
-                                             self.lm.config.vocab_size, self.lm.d, k, steps, seed, self.lm.dtype,
-                                             prepare=self._fns["linearise"])
+    def top_singular(self, k: int, prompt: int = 0, block: int | None = None, max_blocks: int = 12,
+                     tol: float | None = None, seed: int = 0, reduced: bool = True) -> lanczos.SVDResult:
+        """Top-k singular triplets of J_prompt by block Golub-Kahan, run until every Ritz residual
+        ||J^T u - s v|| <= tol * s_1 (see `lanczos.top_singular_triplets`; a ConvergenceWarning says when
+        it stopped short). Matrix-free in the tail: batched jvp / vjp of one linearisation. reduced=True
+        (default) runs it on M D (r x d, r = d or d + 1) instead of J = E M D (V x d): same triplets, without
+        the V x d unembedding in every product (W_U = Q R is factored once per model; `observable_factor`);
+        u is then J v / s from one block of k JVPs. reduced=False runs on J itself."""
+        ctx = self.prompt_context(prompt)
+        if not reduced:
+            return lanczos.top_singular_triplets(self._fns["linear_matvec"], self._fns["linear_rmatvec"],
+                                                 (self.lm.params, self.tail_params, ctx), self.lm.config.vocab_size,
+                                                 self.lm.d, k, block, max_blocks, tol, seed, self.lm.dtype,
+                                                 prepare=self._fns["linearise"])
+        factor = jnp.asarray(self.observable_factor(prompt), self.lm.dtype)
+        res = lanczos.top_singular_triplets(self._fns["linear_matvec"], self._fns["linear_rmatvec"],
+                                            (self.lm.params, self.tail_params, ctx, factor), factor.shape[0],
+                                            self.lm.d, k, block, max_blocks, tol, seed, self.lm.dtype,
+                                            prepare=self._fns["linearise_reduced"])
+        images = self._fns["matvec_block"](self.lm.params, self.tail_params, ctx, res.v.T)  # (k, V): J v_i
+        u = (images / jnp.maximum(res.s, jnp.finfo(res.s.dtype).tiny)[:, None]).T
+        return res._replace(u=u.astype(res.v.dtype), products=res.products + k)
 
     def top_stacked(self, k: int, n_prompts: int | None = None, steps: int | None = None,
-                    seed: int = 0) -> lanczos.SVDResult:
+                    seed: int = 0, tol: float | None = None) -> lanczos.SVDResult:
         """Top-k singular values / right vectors of the stacked J = [J_1; ...; J_n] (first n prompts) by
-        Lanczos on sum_i J_i^T J_i; u is empty. Squares the condition number: for the top of the
-        spectrum only (use `factors` for small singular values)."""
+        Lanczos on sum_i J_i^T J_i; u is empty and residuals are ||J^T J v - s^2 v|| / s. Squares the
+        condition number: for the top of the spectrum only (use `factors` for small singular values)."""
         n = n_prompts or self.num_prompts
         ctx = jax.tree.map(lambda x: x[:n], self.ctx)
         res = lanczos.lanczos_eigh(self._fns["gram_sum"], (self.lm.params, self.tail_params, ctx), self.lm.d,
-                                   k, steps, seed, self.lm.dtype)
-        return lanczos.SVDResult(jnp.sqrt(jnp.maximum(res.w, 0.0)), jnp.zeros((0, k), res.v.dtype), res.v)
+                                   k, steps, seed, self.lm.dtype, tol)
+        s = jnp.sqrt(jnp.maximum(res.w, 0.0))
+        return lanczos.SVDResult(s, jnp.zeros((0, k), res.v.dtype), res.v,
+                                 res.residuals / jnp.maximum(s, jnp.finfo(s.dtype).tiny), res.converged)
+
+    def observable_factor(self, prompt: int = 0) -> np.ndarray:
+        """M (r, d) float64 for prompt: the output map restricted to the final-norm output is E M with
+        orthonormal-column E (r = d for logits, d + 1 for log-probs; see `observable_factor`)."""
+        reduction = unembedding_reduction(self.lm)
+        if self.observable == "logits":
+            return reduction["R"]
+        w = np.asarray(causal_lm.unembedding(self.lm.params), np.float64)
+        return observable_factor(reduction, w, "logprobs", np.asarray(self.probs()[prompt], np.float64))
 
     def factors(self) -> np.ndarray:
         """Exact float64 factors C_i = M_i D_i (B, r, d), r = d (logits) or d + 1 (logprobs):

@@ -30,18 +30,59 @@ def x64():
         yield
 
 
+def dense_top_k(a, k, dtype=jnp.float64, **kw):
+    n, d = a.shape
+    return lanczos.top_singular_triplets(lanczos.dense_matvec, lanczos.dense_rmatvec, jnp.asarray(a, dtype), n, d, k,
+                                         dtype=dtype, **kw)
+
+
+def true_residuals(a, res):
+    """(||A v_i - s_i u_i||, ||A^T u_i - s_i v_i||) per triplet, in float64."""
+    s, u, v = (np.asarray(x, np.float64) for x in res[:3])
+    return np.linalg.norm(a @ v - u * s, axis=0), np.linalg.norm(a.T @ u - v * s, axis=0)
+
+
 @pytest.mark.parametrize("name", list(SPECTRA))
-def test_golub_kahan_top_k_on_known_spectra(x64, name):
+def test_block_golub_kahan_top_k_on_known_spectra(x64, name):
     s = SPECTRA[name]
     a = lanczos.known_spectrum_matrix(s, n=150, seed=1)
     k = 10
-    res = lanczos.top_singular_triplets(lanczos.dense_matvec, lanczos.dense_rmatvec, jnp.asarray(a), 150, 60, k,
-                                        steps=40, dtype=jnp.float64)
+    res = dense_top_k(a, k, tol=1e-12)
+    assert res.converged
     np.testing.assert_allclose(res.s, s[:k], rtol=REL_TOL, atol=REL_TOL * s[0])
-    # triplets: A v_i = s_i u_i for the well-separated, non-zero ones
-    ok = s[:k] > 0
-    resid = np.linalg.norm(a @ np.asarray(res.v) - np.asarray(res.u) * np.asarray(res.s), axis=0)
-    assert np.all(resid[ok] <= 1e-6 * s[0])
+    forward, backward = true_residuals(a, res)
+    assert np.all(forward <= 1e-12 * s[0])  # A v = s u holds by construction
+    # the reported residuals are the true ||A^T u - s v||, and below the tolerance
+    np.testing.assert_allclose(res.residuals, backward, rtol=1e-6, atol=1e-13 * s[0])
+    assert np.all(backward <= 1e-12 * s[0])
+    u = np.asarray(res.u)
+    np.testing.assert_allclose(u.T @ u, np.eye(k), atol=1e-12)
+
+
+# a flat, clustered top (like a random-weight model's): 60 values in [0.9, 1], then a decaying tail
+FLAT = np.concatenate([np.linspace(1.0, 0.9, 60), np.geomspace(0.5, 1e-3, 340)])
+
+
+@pytest.mark.parametrize("dtype, tol", [(jnp.float64, 1e-10), (jnp.float32, 1e-5)])
+def test_flat_spectrum_runs_until_converged_and_residuals_bound_the_error(x64, dtype, tol):
+    a = lanczos.known_spectrum_matrix(FLAT, n=800, seed=4)
+    k = 16
+    res = dense_top_k(a, k, dtype)  # default tolerance for the dtype
+    assert res.converged and res.products > 2 * 32  # needed more than one round of blocks of 32
+    assert float(np.max(res.residuals)) <= tol * FLAT[0]
+    # each Ritz value is within its triplet's residual of the true singular value (plus rounding)
+    err = np.abs(np.asarray(res.s, np.float64) - FLAT[:k])
+    assert np.all(err <= np.max(true_residuals(a, res)[1]) + 50 * np.finfo(dtype).eps * FLAT[0])
+
+
+def test_stopping_short_warns_and_says_so(x64):
+    a = lanczos.known_spectrum_matrix(FLAT, n=800, seed=4)
+    with pytest.warns(lanczos.ConvergenceWarning, match="did not converge in 1 blocks of 32"):
+        res = dense_top_k(a, 16, max_blocks=1)
+    assert not res.converged and res.products == 64
+    assert float(np.max(res.residuals)) > 1e-10 * FLAT[0]
+    # the reported residuals are still the true ones
+    np.testing.assert_allclose(res.residuals, true_residuals(a, res)[1], rtol=1e-6)
 
 
 @pytest.mark.parametrize("name", list(SPECTRA))
@@ -51,24 +92,46 @@ def test_symmetric_lanczos_top_k_on_known_spectra(x64, name):
     gram = jnp.asarray(a.T @ a)
     res = lanczos.lanczos_eigh(lanczos.dense_matvec, gram, 60, 10, steps=40, dtype=jnp.float64)
     np.testing.assert_allclose(res.w, s[:10] ** 2, rtol=REL_TOL, atol=REL_TOL * s[0] ** 2)
+    assert res.converged
 
 
-def test_lanczos_on_model_jacobians_matches_dense(x64, tiny_checkpoints):
+def test_symmetric_lanczos_residuals_are_true_and_warn_when_short(x64):
+    a = lanczos.known_spectrum_matrix(FLAT, n=800, seed=5)
+    gram = a.T @ a
+    with pytest.warns(lanczos.ConvergenceWarning, match="did not converge in 40 steps"):
+        short = lanczos.lanczos_eigh(lanczos.dense_matvec, jnp.asarray(gram), 400, 8, steps=40, dtype=jnp.float64)
+    assert not short.converged
+    for res in (short, lanczos.lanczos_eigh(lanczos.dense_matvec, jnp.asarray(gram), 400, 8, steps=400,
+                                            dtype=jnp.float64)):
+        w, y = np.asarray(res.w), np.asarray(res.v)
+        true = np.linalg.norm(gram @ y - y * w, axis=0)
+        np.testing.assert_allclose(res.residuals, true, rtol=1e-5, atol=1e-12 * w[0])
+
+
+@pytest.mark.parametrize("observable", ["logits", "logprobs"])
+def test_lanczos_on_model_jacobians_matches_dense(x64, tiny_checkpoints, observable):
     lm = sj.load_model(tiny_checkpoints["llama3_untied_gqa2"][0], dtype="float64")
     rng = np.random.default_rng(3)
-    op = sj.jacobian_operator(lm, random_ids(rng, 3, 8), layer=1, observable="logprobs")
+    op = sj.jacobian_operator(lm, random_ids(rng, 3, 8), layer=1, observable=observable)
     dense = np.asarray(op.dense())
-    for prompt in range(3):
+    # on M D (the W_U = QR reduction) for every prompt; on J itself once (logits; each route compiles once)
+    runs = [(prompt, True) for prompt in range(3)] + ([(1, False)] if observable == "logits" else [])
+    for prompt, reduced in runs:
         s_dense = np.linalg.svd(dense[prompt], compute_uv=False)
-        res = op.top_singular(8, prompt=prompt)
+        res = op.top_singular(8, prompt=prompt, reduced=reduced)
+        assert res.converged
         np.testing.assert_allclose(res.s, s_dense[:8], rtol=REL_TOL)
-        resid = dense[prompt] @ np.asarray(res.v) - np.asarray(res.u) * np.asarray(res.s)
-        assert np.max(np.linalg.norm(resid, axis=0)) <= REL_TOL * s_dense[0]
-    for n in (2, 3):
-        s_stacked = np.linalg.svd(np.concatenate(list(dense[:n])), compute_uv=False)
-        np.testing.assert_allclose(op.top_stacked(8, n_prompts=n).s, s_stacked[:8], rtol=REL_TOL)
+        forward, backward = true_residuals(dense[prompt], res)
+        assert np.max(forward) <= REL_TOL * s_dense[0] and np.max(backward) <= REL_TOL * s_dense[0]
+        np.testing.assert_allclose(res.residuals, backward, rtol=1e-4, atol=1e-12 * s_dense[0])
+    if observable == "logits":
+        for n in (2, 3):
+            s_stacked = np.linalg.svd(np.concatenate(list(dense[:n])), compute_uv=False)
+            res = op.top_stacked(8, n_prompts=n)
+            np.testing.assert_allclose(res.s, s_stacked[:8], rtol=REL_TOL)
+            assert res.converged
 
 
 def test_bad_k_is_reported():
-    with pytest.raises(ValueError, match="need 0 < k <= steps"):
+    with pytest.raises(ValueError, match="need 0 < k <= min"):
         lanczos.top_singular_triplets(lanczos.dense_matvec, lanczos.dense_rmatvec, jnp.eye(5), 5, 5, 6)

@@ -73,6 +73,7 @@ def test_lanczos_run_matches_exact_top_k(cli, tmp_path):
         # float32 Krylov products vs float32 JVPs + float64 SVD
         np.testing.assert_allclose(p_lz["singular_values"], p_exact["singular_values"][:8], rtol=1e-4)
         assert p_lz["null_dim"]["1e-02"] is None  # all top-8 pass the threshold: null dim unknown
+        assert p_lz["converged"] and p_lz["max_residual_over_sigma_max"] <= 1e-5  # float32 default tolerance
     np.testing.assert_allclose(lz["stacked"][-1]["singular_values"], exact["stacked"][-1]["singular_values"][:8],
                                rtol=1e-4)
 
