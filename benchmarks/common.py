@@ -168,12 +168,12 @@ def spectrum_flops(config, length: int, layer: int) -> dict[str, float]:
     }
 
 
-def linear_map_flops(config, length: int, layer: int, full_sequence: bool = False) -> float:
+def linear_map_flops(config, length: int, layer: int, full_sequence: bool = False, unembedding: bool = True) -> float:
     """FLOPs of one product J v or J^T u: the tail blocks for the last token (or over the whole sequence)
-    and W_U."""
+    and (unembedding=True) W_U."""
     tail = config.num_layers - layer
     blocks = sequence_flops(config, length, tail) if full_sequence else tail * token_layer_flops(config, length)
-    return blocks + 2 * config.hidden_size * config.vocab_size
+    return blocks + (2 * config.hidden_size * config.vocab_size if unembedding else 0)
 
 
 def generation_flops(config, batch: int, prompt_len: int, new_tokens: int) -> float:
