@@ -528,7 +528,7 @@ def model_aux(op, prompts: slice | None = None) -> tuple:
     return (op.lm.params, op.tail_params, ctx)
 
 
-def normed_jacobians_at(lm, aux, offsets, chunk: int = 64) -> np.ndarray:
+def normed_jacobians_at(lm, aux, offsets, chunk: int = 256) -> np.ndarray:
     """D_i = d final_norm(h_L) / dx at x = offsets_i (added to h_layer at the last token of prompt i), float64
     (B, d, d), for aux = `model_aux(op)`: as `JacobianOperator.normed_tail_jacobian` but away from the
     unsteered point. offsets (d,) or (B, d). The logit Jacobian is J_i = W_U D_i."""
