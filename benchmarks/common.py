@@ -127,6 +127,36 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> dict[str, float]:
     return {"jax": flops / t_jax / 1e9, "torch": flops / t_torch / 1e9}
 
 
+def weight_stream_gbs(config, batch: int, layers: int = 8, repeats: int = 10) -> dict[str, float]:
+    """GB/s of float32 weights consumed by batch-row products (B x d against the MLP's gate, up and down
+    weights of `layers` layers): the rate a decode step's matmuls run at on this machine, for jax (a scan
+    over stacked weights, as in sj.generate) and torch (a Python loop, as in HF)."""
+    d, f = config.hidden_size, config.intermediate_size
+    rng = np.random.default_rng(0)
+    up = (rng.normal(size=(layers, 2, f, d)) / np.sqrt(d)).astype(np.float32)
+    down = (rng.normal(size=(layers, d, f)) / np.sqrt(f)).astype(np.float32)
+    h = rng.normal(size=(batch, d)).astype(np.float32)
+    nbytes = up.nbytes + down.nbytes
+
+    def jax_layer(x, w):
+        gate_up, dn = w
+        return jnp.tanh(x @ gate_up[0].T) * (x @ gate_up[1].T) @ dn.T, None
+
+    scan = jax.jit(lambda ws, x: jax.lax.scan(jax_layer, x, ws)[0])
+    j_ws, j_h = (jnp.asarray(up), jnp.asarray(down)), jnp.asarray(h)
+    t_up, t_down, t_h = torch.as_tensor(up), torch.as_tensor(down), torch.as_tensor(h)
+
+    def torch_loop():
+        x = t_h
+        for i in range(layers):
+            x = (torch.tanh(x @ t_up[i, 0].T) * (x @ t_up[i, 1].T)) @ t_down[i].T
+        return x
+
+    t_jax, _ = time_call(lambda: scan(j_ws, j_h), repeats)
+    t_torch, _ = time_call(torch_loop, repeats)
+    return {"jax": nbytes / t_jax / 1e9, "torch": nbytes / t_torch / 1e9}
+
+
 # ----------------------------------------------------------------------------- analytic FLOP counts
 # Matmul FLOPs only (2 per multiply-add); elementwise work, norms and softmax are not counted. A forward-mode
 # tangent or a reverse-mode cotangent through a linear map costs the same matmul FLOPs as the primal.

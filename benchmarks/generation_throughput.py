@@ -18,11 +18,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import steerjax as sj  # noqa: E402
-from common import BenchModel, generation_flops, matmul_gflops, time_call  # noqa: E402
+from common import BenchModel, generation_flops, matmul_gflops, time_call, weight_stream_gbs  # noqa: E402
 
 PROMPTS = ["The weather today is", "My favourite book is about", "In the year 2050, cities will",
            "The best way to learn a language is", "Yesterday I went to the market and",
@@ -69,16 +70,23 @@ def run_generation(bench: BenchModel, batch_size: int, new_tokens: int, repeats:
         results[f"HF generate ({attn}) + hook"], _ = time_call(run_hf, repeats)
         del model
 
+    # every decode step reads every weight once: weights consumed per second, against the rate this machine
+    # runs batch-row products over layer-shaped weights at (measured now, for both libraries)
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(lm.params))
+    stream = weight_stream_gbs(lm.config, batch_size)
     print(f"\n(c) steered generation: batch {batch_size} x {new_tokens} new tokens (prompt width "
           f"{batch.ids.shape[1]}), steering at layer {layer} (last+generated), greedy, median of {repeats}")
-    print(f"  {'method':32s} {'median s':>9s} {'tok/s':>8s} {'GFLOP/s':>8s} {'% of matmul':>11s} {'ratio':>7s}")
+    print(f"  {'method':32s} {'median s':>9s} {'tok/s':>8s} {'GFLOP/s':>8s} {'% of matmul':>11s} {'weights GB/s':>12s} "
+          f"{'ratio':>7s}")
     for name, seconds in results.items():
         rate = flops / seconds / 1e9
         lib = "jax" if name.startswith("steerjax") else "torch"
         ratio = "" if seconds == ours else f"{seconds / ours:6.2f}x"
         print(f"  {name:32s} {seconds:9.2f} {n_tokens / seconds:8.1f} {rate:8.1f} {100 * rate / peak[lib]:10.0f}% "
-              f"{ratio:>7s}")
-    return results
+              f"{new_tokens * weight_bytes / seconds / 1e9:12.1f} {ratio:>7s}")
+    print(f"  batch-{batch_size} products over layer-shaped float32 weights on this machine: jax {stream['jax']:.1f} GB/s, "
+          f"torch {stream['torch']:.1f} GB/s (each decode step reads all {weight_bytes / 1e6:.0f} MB of weights)")
+    return {**results, "weight_stream_gbs": stream}
 
 
 def main():
