@@ -4,7 +4,6 @@ orthogonal to v that lies in the null space. Returns JSON-ready dicts (nullspace
 
 from __future__ import annotations
 
-from typing import Sequence
 
 import jax.numpy as jnp
 import numpy as np

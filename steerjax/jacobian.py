@@ -335,25 +335,26 @@ class JacobianOperator:
         return lanczos.SVDResult(s, jnp.zeros((0, k), res.v.dtype), res.v,
                                  res.residuals / jnp.maximum(s, jnp.finfo(s.dtype).tiny), res.converged)
 
-    def observable_factor(self, prompt: int = 0) -> np.ndarray:
-        """M (r, d) float64 for prompt: the output map restricted to the final-norm output is E M with
-        orthonormal-column E (r = d for logits, d + 1 for log-probs; see `observable_factor`)."""
+    def observable_factors(self) -> np.ndarray:
+        """M_i (B, r, d) float64: the output map restricted to the final-norm output is E_i M_i with
+        orthonormal-column E_i (r = d for logits, the same R for every prompt; d + 1 for log-probs; see
+        `observable_factor`)."""
         reduction = unembedding_reduction(self.lm)
         if self.observable == "logits":
-            return reduction["R"]
+            return np.broadcast_to(reduction["R"], (self.num_prompts, *reduction["R"].shape))
         w = np.asarray(causal_lm.unembedding(self.lm.params), np.float64)
-        return observable_factor(reduction, w, "logprobs", np.asarray(self.probs()[prompt], np.float64))
+        probs = np.asarray(self.probs(), np.float64)
+        return np.stack([observable_factor(reduction, w, "logprobs", p) for p in probs])
+
+    def observable_factor(self, prompt: int = 0) -> np.ndarray:
+        """M (r, d) float64 of one prompt (see `observable_factors`)."""
+        return self.observable_factors()[prompt]
 
     def factors(self) -> np.ndarray:
         """Exact float64 factors C_i = M_i D_i (B, r, d), r = d (logits) or d + 1 (logprobs):
         sigma(J_i) = sigma(C_i) and J_i^T J_i = C_i^T C_i."""
         d_mats = np.asarray(self.normed_tail_jacobian(), np.float64)
-        reduction = unembedding_reduction(self.lm)
-        if self.observable == "logits":
-            return np.matmul(reduction["R"][None], d_mats)  # BLAS (np.einsum here would loop in C)
-        w = np.asarray(causal_lm.unembedding(self.lm.params), np.float64)
-        probs = np.asarray(self.probs(), np.float64)
-        return np.stack([observable_factor(reduction, w, "logprobs", p) @ dm for p, dm in zip(probs, d_mats)])
+        return np.matmul(self.observable_factors(), d_mats)  # BLAS (np.einsum here would loop in C)
 
 
 def jacobian_operator(lm: LanguageModel, ids, layer: int, observable: str = "logits",

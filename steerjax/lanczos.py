@@ -189,6 +189,17 @@ def block_golub_kahan(matvec: Callable, rmatvec: Callable, args, n: int, d: int,
     return st["s"], st["U"].T @ st["P"], st["V"][:m].T @ st["Q"], st["resid"], st["j"]
 
 
+def _converged(resid, scale: float, tol: float, warning: tuple[str, str, str] | bool) -> bool:
+    """Whether every residual is <= tol * scale; if not and `warning` = (what, scale name, hint) is given,
+    a ConvergenceWarning naming the largest residual relative to scale."""
+    converged = bool(np.all(np.asarray(resid) <= tol * scale))
+    if warning and not converged:
+        what, scale_name, hint = warning
+        warnings.warn(f"{what}: largest residual {float(np.max(resid)) / max(scale, 1e-300):.1e} of {scale_name} "
+                      f"> tol {tol:.0e}; {hint}", ConvergenceWarning, stacklevel=3)
+    return converged
+
+
 def default_block(k: int) -> int:
     """Block size for top-k: 2k (at least k + 8), so a cluster straddling the k-th value is still resolved
     and few rounds are needed (on SmolLM2's J at k = 32, blocks of 40 / 48 / 64 / 96 / 128 took 2.30 /
@@ -214,12 +225,9 @@ def top_singular_triplets(matvec: Callable, rmatvec: Callable, args, n: int, d: 
     tol = default_tolerance(dtype) if tol is None else float(tol)
     s, u, v, resid, rounds = block_golub_kahan(matvec, rmatvec, args, n, d, k, block, max_blocks,
                                                jnp.asarray(tol, dtype), jax.random.PRNGKey(seed), dtype, prepare)
-    converged = bool(np.all(np.asarray(resid) <= tol * float(s[0])))
-    if warn and not converged:
-        warnings.warn(f"top-{k} singular triplets did not converge in {int(rounds)} blocks of {block}: largest "
-                      f"residual {float(np.max(resid)) / max(float(s[0]), 1e-300):.1e} of s_1 > tol {tol:.0e}; "
-                      f"raise max_blocks or block, or use the exact route (JacobianOperator.factors)",
-                      ConvergenceWarning, stacklevel=2)
+    converged = _converged(resid, float(s[0]), tol, warn and (
+        f"top-{k} singular triplets did not converge in {int(rounds)} blocks of {block}",
+        "s_1", "raise max_blocks or block, or use the exact route (JacobianOperator.factors)"))
     return SVDResult(s, u, v, resid, converged, 2 * block * int(rounds))
 
 
@@ -262,11 +270,8 @@ def lanczos_eigh(matvec: Callable, args, d: int, k: int, steps: int | None = Non
     order = jnp.argsort(-w)[:k]
     resid = jnp.abs(beta_last * y[-1, order]) * (steps < d)  # a full basis (steps = d) is exact
     tol = default_tolerance(dtype) if tol is None else float(tol)
-    converged = bool(np.all(np.asarray(resid) <= tol * abs(float(w[order[0]]))))
-    if warn and not converged:
-        warnings.warn(f"top-{k} Lanczos eigenpairs did not converge in {steps} steps: largest residual "
-                      f"{float(np.max(resid)) / max(abs(float(w[order[0]])), 1e-300):.1e} of |w_1| > tol {tol:.0e}; "
-                      f"raise steps", ConvergenceWarning, stacklevel=2)
+    converged = _converged(resid, abs(float(w[order[0]])), tol, warn and (
+        f"top-{k} Lanczos eigenpairs did not converge in {steps} steps", "|w_1|", "raise steps"))
     return EighResult(w[order], Q.T @ y[:, order], resid, converged)
 
 
