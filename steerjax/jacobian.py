@@ -41,6 +41,18 @@ def default_chunk(positions: str = "last", recompute: bool = False) -> int:
     return TAIL_CHUNK if positions == "last" and not recompute else SEQUENCE_CHUNK
 
 
+TOP_SINGULAR_METHODS = ("auto", "lanczos", "dense")
+# rounds block Lanczos is assumed to need in `dense_is_cheaper` (5 on SmolLM2's J at k = 32, 10 on a
+# random-weight model's flat spectrum)
+EXPECTED_LANCZOS_ROUNDS = 5
+
+
+def dense_is_cheaper(d: int, k: int, block: int | None = None, rounds: int = EXPECTED_LANCZOS_ROUNDS) -> bool:
+    """Cost model for top-k: the exact route takes d JVPs; block Lanczos takes `rounds` rounds of a block of
+    JVPs and a block of VJPs (a VJP ~ 2 JVPs), i.e. 3 * block * rounds JVP-equivalents."""
+    return d <= 3 * (block or lanczos.default_block(k)) * rounds
+
+
 class TailContext(NamedTuple):
     """Unsteered state from which blocks l..L-1 can be re-run, for B prompts (leading axis B).
     h (B, T, d): h_l at every position; keys, values (B, L - l, T, K, hd); cos, sin (B, T, hd);
@@ -190,6 +202,7 @@ def _compiled(config, observable: str, positions: str, recompute: bool, chunk: i
         "matvec": over_prompts(matvec, 0),
         "rmatvec": over_prompts(rmatvec, 0),
         "matvec_block": jax.jit(lambda p, tp, ctx, vs: jax.vmap(lambda v: matvec(p, tp, ctx, v))(vs)),
+        "rmatvec_block": jax.jit(lambda p, tp, ctx, us: jax.vmap(lambda u: rmatvec(p, tp, ctx, u))(us)),
         "gram_matvec": jax.jit(lambda p, tp, ctx, v: gram_sum((p, tp, ctx), v)),
         "dense": over_prompts(dense),
         "normed_jacobian": over_prompts(normed_jacobian),
@@ -300,13 +313,28 @@ class JacobianOperator:
         return jax.tree.map(lambda x: x[index], self.ctx)
 
     def top_singular(self, k: int, prompt: int = 0, block: int | None = None, max_blocks: int = 12,
-                     tol: float | None = None, seed: int = 0, reduced: bool = True) -> lanczos.SVDResult:
-        """Top-k singular triplets of J_prompt by block Golub-Kahan, run until every Ritz residual
-        ||J^T u - s v|| <= tol * s_1 (see `lanczos.top_singular_triplets`; a ConvergenceWarning says when
-        it stopped short). Matrix-free in the tail: batched jvp / vjp of one linearisation. reduced=True
+                     tol: float | None = None, seed: int = 0, reduced: bool = True,
+                     method: str = "auto") -> lanczos.SVDResult:
+        """Top-k singular triplets (s (k,), u (V, k), v (d, k)) of J_prompt, with their residuals
+        ||J^T u - s v|| and whether all are <= tol * s_1 (tol default `lanczos.default_tolerance`).
+
+        method "lanczos": block Golub-Kahan (`lanczos.top_singular_triplets`, a ConvergenceWarning says when
+        it stopped short), matrix-free in the tail: batched jvp / vjp of one linearisation. reduced=True
         (default) runs it on M D (r x d, r = d or d + 1) instead of J = E M D (V x d): same triplets, without
         the V x d unembedding in every product (W_U = Q R is factored once per model; `observable_factor`);
-        u is then J v / s from one block of k JVPs. reduced=False runs on J itself."""
+        u is then J v / s from one block of k JVPs. reduced=False runs on J itself.
+        method "dense": the exact route (d JVPs give D, then a float64 SVD of M D), u = J v / s, and the
+        residuals from one block of k VJPs. method "auto" (default) takes "dense" when
+        `dense_is_cheaper(d, k, block)`."""
+        if method not in TOP_SINGULAR_METHODS:
+            raise InputError(f"top_singular method must be one of {TOP_SINGULAR_METHODS}, got {method!r}")
+        if not isinstance(prompt, (int, np.integer)) or not 0 <= prompt < self.num_prompts:
+            raise InputError(f"prompt {prompt!r} is outside [0, {self.num_prompts}) (this operator holds "
+                             f"{self.num_prompts} prompts)")
+        if not 0 < k <= self.lm.d:
+            raise InputError(f"need 0 < k <= d = {self.lm.d}; got k={k}")
+        if method == "dense" or (method == "auto" and dense_is_cheaper(self.lm.d, k, block)):
+            return self._top_singular_dense(k, prompt, tol)
         ctx = self.prompt_context(prompt)
         if not reduced:
             return lanczos.top_singular_triplets(self._fns["linear_matvec"], self._fns["linear_rmatvec"],
@@ -318,9 +346,30 @@ class JacobianOperator:
                                             (self.lm.params, self.tail_params, ctx, factor), factor.shape[0],
                                             self.lm.d, k, block, max_blocks, tol, seed, self.lm.dtype,
                                             prepare=self._fns["linearise_reduced"])
-        images = self._fns["matvec_block"](self.lm.params, self.tail_params, ctx, res.v.T)  # (k, V): J v_i
-        u = (images / jnp.maximum(res.s, jnp.finfo(res.s.dtype).tiny)[:, None]).T
-        return res._replace(u=u.astype(res.v.dtype), products=res.products + k)
+        u = self._left_vectors(ctx, res.s, res.v)
+        return res._replace(u=u, products=res.products + k)
+
+    def _left_vectors(self, ctx: TailContext, s, v):
+        """u = J v / s (V, k) from one block of k JVPs (v (d, k), s (k,))."""
+        images = self._fns["matvec_block"](self.lm.params, self.tail_params, ctx, v.T)  # (k, V): J v_i
+        return (images / jnp.maximum(s, jnp.finfo(s.dtype).tiny)[:, None]).T.astype(v.dtype)
+
+    def _top_singular_dense(self, k: int, prompt: int, tol: float | None) -> lanczos.SVDResult:
+        """Top-k triplets from the exact route: C = M D (float64), its SVD, u = J v / s; residuals
+        ||J^T u - s v|| from k VJPs (d + 2k products)."""
+        one = jax.tree.map(lambda x: x[prompt:prompt + 1], self.ctx)
+        d_mat = np.asarray(self._fns["normed_jacobian"](self.lm.params, self.tail_params, one)[0], np.float64)
+        _, s64, vt = np.linalg.svd(self.observable_factor(prompt) @ d_mat, full_matrices=False)
+        s, v = jnp.asarray(s64[:k], self.lm.dtype), jnp.asarray(vt[:k].T, self.lm.dtype)
+        ctx = self.prompt_context(prompt)
+        u = self._left_vectors(ctx, s, v)
+        back = self._fns["rmatvec_block"](self.lm.params, self.tail_params, ctx, u.T)  # (k, d): J^T u_i
+        resid = jnp.linalg.norm(back - s[:, None] * v.T, axis=1)
+        tol = lanczos.default_tolerance(self.lm.dtype) if tol is None else float(tol)
+        converged = lanczos.residuals_converged(resid, float(s[0]), tol, (
+            f"top-{k} singular triplets from the exact route", "s_1",
+            "the Jacobian is computed in too low a precision for this tol (load the model in float32/float64)"))
+        return lanczos.SVDResult(s, u, v, resid, converged, self.lm.d + 2 * k)
 
     def top_stacked(self, k: int, n_prompts: int | None = None, steps: int | None = None,
                     seed: int = 0, tol: float | None = None) -> lanczos.SVDResult:
@@ -335,20 +384,22 @@ class JacobianOperator:
         return lanczos.SVDResult(s, jnp.zeros((0, k), res.v.dtype), res.v,
                                  res.residuals / jnp.maximum(s, jnp.finfo(s.dtype).tiny), res.converged)
 
-    def observable_factors(self) -> np.ndarray:
-        """M_i (B, r, d) float64: the output map restricted to the final-norm output is E_i M_i with
-        orthonormal-column E_i (r = d for logits, the same R for every prompt; d + 1 for log-probs; see
-        `observable_factor`)."""
+    def observable_factors(self, prompts=None) -> np.ndarray:
+        """M_i (B, r, d) float64 for the prompts indexed by `prompts` (default all): the output map
+        restricted to the final-norm output is E_i M_i with orthonormal-column E_i (r = d for logits, the
+        same R for every prompt; d + 1 for log-probs; see `observable_factor`)."""
         reduction = unembedding_reduction(self.lm)
+        count = len(np.arange(self.num_prompts)[slice(None) if prompts is None else prompts])
         if self.observable == "logits":
-            return np.broadcast_to(reduction["R"], (self.num_prompts, *reduction["R"].shape))
+            return np.broadcast_to(reduction["R"], (count, *reduction["R"].shape))
         w = np.asarray(causal_lm.unembedding(self.lm.params), np.float64)
         probs = np.asarray(self.probs(), np.float64)
+        probs = probs if prompts is None else probs[prompts]
         return np.stack([observable_factor(reduction, w, "logprobs", p) for p in probs])
 
     def observable_factor(self, prompt: int = 0) -> np.ndarray:
         """M (r, d) float64 of one prompt (see `observable_factors`)."""
-        return self.observable_factors()[prompt]
+        return self.observable_factors([prompt])[0]
 
     def factors(self) -> np.ndarray:
         """Exact float64 factors C_i = M_i D_i (B, r, d), r = d (logits) or d + 1 (logprobs):

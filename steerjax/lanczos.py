@@ -189,7 +189,7 @@ def block_golub_kahan(matvec: Callable, rmatvec: Callable, args, n: int, d: int,
     return st["s"], st["U"].T @ st["P"], st["V"][:m].T @ st["Q"], st["resid"], st["j"]
 
 
-def _converged(resid, scale: float, tol: float, warning: tuple[str, str, str] | bool) -> bool:
+def residuals_converged(resid, scale: float, tol: float, warning: tuple[str, str, str] | bool) -> bool:
     """Whether every residual is <= tol * scale; if not and `warning` = (what, scale name, hint) is given,
     a ConvergenceWarning naming the largest residual relative to scale."""
     converged = bool(np.all(np.asarray(resid) <= tol * scale))
@@ -225,7 +225,7 @@ def top_singular_triplets(matvec: Callable, rmatvec: Callable, args, n: int, d: 
     tol = default_tolerance(dtype) if tol is None else float(tol)
     s, u, v, resid, rounds = block_golub_kahan(matvec, rmatvec, args, n, d, k, block, max_blocks,
                                                jnp.asarray(tol, dtype), jax.random.PRNGKey(seed), dtype, prepare)
-    converged = _converged(resid, float(s[0]), tol, warn and (
+    converged = residuals_converged(resid, float(s[0]), tol, warn and (
         f"top-{k} singular triplets did not converge in {int(rounds)} blocks of {block}",
         "s_1", "raise max_blocks or block, or use the exact route (JacobianOperator.factors)"))
     return SVDResult(s, u, v, resid, converged, 2 * block * int(rounds))
@@ -270,7 +270,7 @@ def lanczos_eigh(matvec: Callable, args, d: int, k: int, steps: int | None = Non
     order = jnp.argsort(-w)[:k]
     resid = jnp.abs(beta_last * y[-1, order]) * (steps < d)  # a full basis (steps = d) is exact
     tol = default_tolerance(dtype) if tol is None else float(tol)
-    converged = _converged(resid, abs(float(w[order[0]])), tol, warn and (
+    converged = residuals_converged(resid, abs(float(w[order[0]])), tol, warn and (
         f"top-{k} Lanczos eigenpairs did not converge in {steps} steps", "|w_1|", "raise steps"))
     return EighResult(w[order], Q.T @ y[:, order], resid, converged)
 

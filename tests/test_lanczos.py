@@ -118,7 +118,7 @@ def test_lanczos_on_model_jacobians_matches_dense(x64, tiny_checkpoints, observa
     runs = [(prompt, True) for prompt in range(3)] + ([(1, False)] if observable == "logits" else [])
     for prompt, reduced in runs:
         s_dense = np.linalg.svd(dense[prompt], compute_uv=False)
-        res = op.top_singular(8, prompt=prompt, reduced=reduced)
+        res = op.top_singular(8, prompt=prompt, reduced=reduced, method="lanczos")
         assert res.converged
         np.testing.assert_allclose(res.s, s_dense[:8], rtol=REL_TOL)
         forward, backward = true_residuals(dense[prompt], res)
@@ -130,6 +130,45 @@ def test_lanczos_on_model_jacobians_matches_dense(x64, tiny_checkpoints, observa
             res = op.top_stacked(8, n_prompts=n)
             np.testing.assert_allclose(res.s, s_stacked[:8], rtol=REL_TOL)
             assert res.converged
+
+
+@pytest.mark.parametrize("observable", ["logits", "logprobs"])
+def test_dense_top_singular_matches_dense_svd_with_true_residuals(x64, tiny_checkpoints, observable):
+    lm = sj.load_model(tiny_checkpoints["llama3_untied_gqa2"][0], dtype="float64")
+    op = sj.jacobian_operator(lm, random_ids(np.random.default_rng(4), 3, 8), layer=1, observable=observable)
+    dense = np.asarray(op.dense())
+    for prompt in (0, 2):
+        res = op.top_singular(8, prompt=prompt, method="dense")
+        s_dense = np.linalg.svd(dense[prompt], compute_uv=False)
+        assert res.converged and res.products == lm.d + 16
+        np.testing.assert_allclose(res.s, s_dense[:8], rtol=1e-10)
+        forward, backward = true_residuals(dense[prompt], res)
+        assert np.max(forward) <= 1e-10 * s_dense[0] and np.max(backward) <= 1e-10 * s_dense[0]
+        np.testing.assert_allclose(res.residuals, backward, rtol=1e-3, atol=1e-13 * s_dense[0])
+
+
+def test_auto_top_singular_follows_the_cost_model(tiny_checkpoints):
+    from steerjax.jacobian import dense_is_cheaper
+
+    assert dense_is_cheaper(576, 32) and dense_is_cheaper(896, 32) and not dense_is_cheaper(4096, 32)
+    assert not dense_is_cheaper(896, 8) and dense_is_cheaper(896, 8, block=64)
+    lm = sj.load_model(tiny_checkpoints["llama3_untied_gqa2"][0])  # float32: the default tol 1e-5 must hold
+    op = sj.jacobian_operator(lm, random_ids(np.random.default_rng(5), 2, 8), layer=1)
+    auto, lz = op.top_singular(4, prompt=1), op.top_singular(4, prompt=1, method="lanczos")
+    assert dense_is_cheaper(lm.d, 4) and auto.products == lm.d + 8 and lz.products != auto.products
+    assert auto.converged and lz.converged
+    np.testing.assert_allclose(auto.s, lz.s, rtol=1e-4)  # two float32 routes, each to 1e-5 of s_1
+
+
+def test_bad_top_singular_arguments_are_reported(tiny_checkpoints):
+    lm = sj.load_model(tiny_checkpoints["llama3_untied_gqa2"][0])
+    op = sj.jacobian_operator(lm, random_ids(np.random.default_rng(6), 2, 8), layer=1)
+    with pytest.raises(sj.InputError, match="method must be one of"):
+        op.top_singular(4, method="arpack")
+    with pytest.raises(sj.InputError, match="prompt 2 is outside"):
+        op.top_singular(4, prompt=2)
+    with pytest.raises(sj.InputError, match="need 0 < k <= d"):
+        op.top_singular(0)
 
 
 def test_bad_k_is_reported():
