@@ -14,7 +14,10 @@ J = d logits[last] / d h_l[last] for one prompt at layer l = L // 2 (float32 eve
                   of --jacfwd-chunk tangents (vmap's chunk_size: all d tangents at once hold d x T x f
                   activations per MLP, several GB for the 0.5B shape)
     torch tail    the same with the tail run for the last token only against the prefix's cached K/V
-(b) top-k singular values: steerjax block Golub-Kahan Lanczos (JacobianOperator.top_singular: one
+(b) top-k singular values: steerjax JacobianOperator.top_singular(k) with its default method "auto", which
+    takes the exact route (d JVPs, SVD of M D, u = J v / s, residuals from k VJPs) when its cost model
+    says d JVPs beat block Lanczos (jacobian.dense_is_cheaper: d <= 3 * 2k * 6), else block Lanczos; and
+    block Golub-Kahan Lanczos itself (top_singular(method="lanczos"): one
     jit-compiled program, linearised once, blocks of 2k batched jvp / vjp, full reorthogonalisation, run
     until every Ritz residual <= 1e-5 sigma_max), on the reduced operator M D (the default: W_U = Q R, so
     products skip the V x d unembedding; the QR is the one-off above) and on J itself, vs
@@ -42,7 +45,7 @@ import torch  # noqa: E402
 
 import steerjax as sj  # noqa: E402
 from common import BenchModel, linear_map_flops, matmul_gflops, spectrum_flops, time_call  # noqa: E402
-from steerjax.jacobian import unembedding_reduction  # noqa: E402
+from steerjax.jacobian import dense_is_cheaper, unembedding_reduction  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- torch peers
@@ -214,20 +217,28 @@ def main():
         per_full = linear_map_flops(cfg, len(ids), layer, full_sequence=True)
         per_reduced = linear_map_flops(cfg, len(ids), layer, unembedding=False) + 2 * d * d
         rows, accuracy = [], {}
-        for reduced, label, flops_per in ((True, "on M D (W_U = QR reduction)", per_reduced),
-                                          (False, "on J itself", per)):
+        per_dense = spectrum_flops(cfg, len(ids), layer)["steerjax"] + 3 * k * per  # + k JVPs, k VJPs on J
+        for method, reduced, label, flops_per in (("auto", True, "top_singular(k), auto", None),
+                                                  ("lanczos", True, "block Lanczos on M D (W_U = QR reduction)",
+                                                   per_reduced),
+                                                  ("lanczos", False, "block Lanczos on J itself", per)):
             info = {}
 
-            def lanczos_run():
-                res = sj.jacobian_operator(lm, ids, layer).top_singular(k, reduced=reduced)
+            def top_run():
+                res = sj.jacobian_operator(lm, ids, layer).top_singular(k, reduced=reduced, method=method)
                 info.update(products=res.products, converged=res.converged,
                             residual=float(np.max(np.asarray(res.residuals)) / float(res.s[0])))
                 return np.asarray(res.s)
 
-            seconds, values = time_call(lanczos_run, args.repeats)
-            rows.append((f"steerjax block Lanczos {label}", seconds, info["products"] * flops_per))
+            seconds, values = time_call(top_run, args.repeats)
+            if method == "auto":
+                picked = "dense" if dense_is_cheaper(d, k) else "lanczos"
+                label = f"{label} -> {picked}" + (" (exact route + k JVPs + k VJPs)" if picked == "dense" else "")
+            total_flops = per_dense if method == "auto" and picked == "dense" else info["products"] * (
+                flops_per or per_reduced)
+            rows.append((f"steerjax {label}", seconds, total_flops))
             accuracy[f"steerjax {label.split(' (')[0]}"] = values
-            print(f"  steerjax block Lanczos {label}: {info['products']} products, converged {info['converged']}, "
+            print(f"  steerjax {label}: {info['products']} products, converged {info['converged']}, "
                   f"max residual {info['residual']:.1e} of sigma_max")
         peers = [("last-position tail", torch_last_tail_fn, per)]
         if not args.skip_full:
@@ -240,11 +251,13 @@ def main():
             rows.append((f"svds, torch jvp/vjp, {label} ({calls:.0f} products)", seconds, calls * flops_per))
             accuracy[f"svds ({label})"] = values
         if "spectrum" in parts:  # the exact route also yields the top k (all d values, in d JVPs)
-            rows.insert(2, ("steerjax exact route (all d values), from (a)", t_exact, flops["steerjax"]))
+            rows.insert(3, ("steerjax exact route (all d values), from (a)", t_exact, flops["steerjax"]))
         report(f"(b) top-{k} singular values (matrix-free; FLOPs counted as J v / J^T u products)", rows,
                rows[0][0], peak)
-        print(f"  ratios against steerjax block Lanczos on J itself instead: " + ", ".join(
-            f"{name.split(' (')[0]} {sec / rows[1][1]:.1f}x" for name, sec, _ in rows if name.startswith("svds")))
+        for other in (1, 2):
+            print(f"  ratios against {rows[other][0]} instead: " + ", ".join(
+                f"{name.split(' (')[0]} {sec / rows[other][1]:.1f}x" for name, sec, _ in rows
+                if name.startswith("svds")))
         if "spectrum" in parts:
             print("  ratios against the steerjax exact route instead: " + ", ".join(
                 f"{name.split(' (')[0]} {sec / t_exact:.1f}x" for name, sec, _ in rows if name.startswith("svds")))
