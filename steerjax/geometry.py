@@ -108,8 +108,8 @@ def analyze_layer_lanczos(lm: LanguageModel, batch: TokenBatch, layer: int, k: i
                 "max_residual_over_sigma_max": float(np.max(np.asarray(res.residuals)) / s[0]),
                 "converged": bool(res.converged)}
 
-    entry = {"layer": layer, "per_prompt": [truncated_entry(op.top_singular(k, prompt=i, seed=seed, method="lanczos"))
-                                            for i in range(op.num_prompts)]}
+    per_prompt = [op.top_singular(k, prompt=i, seed=seed, method="lanczos") for i in range(op.num_prompts)]
+    entry = {"layer": layer, "per_prompt": [truncated_entry(res) for res in per_prompt]}
     entry["stacked"] = [{"n_prompts": n, **truncated_entry(op.top_stacked(k, n_prompts=n, seed=seed))}
                         for n in stacking_schedule(op.num_prompts)]
     return entry

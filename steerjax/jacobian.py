@@ -326,7 +326,7 @@ class JacobianOperator:
         u is then J v / s from one block of k JVPs. reduced=False runs on J itself.
         method "dense": the exact route (d JVPs give D, then a float64 SVD of M D), u = J v / s, and the
         residuals from one block of k VJPs. method "auto" (default) takes "dense" when
-        `dense_is_cheaper(d, k, block)` (so for d up to ~1000 at k = 32; Lanczos on 4096-wide models)."""
+        `dense_is_cheaper(d, k, block)` (so for d up to 1152 at k = 32; Lanczos on 4096-wide models)."""
         if method not in TOP_SINGULAR_METHODS:
             raise InputError(f"top_singular method must be one of {TOP_SINGULAR_METHODS}, got {method!r}")
         if not isinstance(prompt, (int, np.integer)) or not 0 <= prompt < self.num_prompts:
