@@ -231,11 +231,11 @@ def main():
                 return np.asarray(res.s)
 
             seconds, values = time_call(top_run, args.repeats)
-            if method == "auto":
-                picked = "dense" if dense_is_cheaper(d, k) else "lanczos"
-                label = f"{label} -> {picked}" + (" (exact route + k JVPs + k VJPs)" if picked == "dense" else "")
-            total_flops = per_dense if method == "auto" and picked == "dense" else info["products"] * (
-                flops_per or per_reduced)
+            total_flops = info["products"] * (flops_per or per_reduced)
+            if method == "auto" and dense_is_cheaper(d, k):  # the route top_singular took
+                label, total_flops = f"{label} -> dense (exact route + k JVPs + k VJPs)", per_dense
+            elif method == "auto":
+                label = f"{label} -> lanczos"
             rows.append((f"steerjax {label}", seconds, total_flops))
             accuracy[f"steerjax {label.split(' (')[0]}"] = values
             print(f"  steerjax {label}: {info['products']} products, converged {info['converged']}, "

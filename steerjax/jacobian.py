@@ -311,6 +311,10 @@ class JacobianOperator:
         return self._call("normed_jacobian")
 
     def prompt_context(self, index: int) -> TailContext:
+        """The TailContext of one prompt (no leading B axis)."""
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index < self.num_prompts:
+            raise InputError(f"prompt {index!r} is outside [0, {self.num_prompts}) (this operator holds "
+                             f"{self.num_prompts} prompts)")
         return jax.tree.map(lambda x: x[index], self.ctx)
 
     def top_singular(self, k: int, prompt: int = 0, block: int | None = None, max_blocks: int = 12,
@@ -329,14 +333,11 @@ class JacobianOperator:
         `dense_is_cheaper(d, k, block)` (so for d up to 1152 at k = 32; Lanczos on 4096-wide models)."""
         if method not in TOP_SINGULAR_METHODS:
             raise InputError(f"top_singular method must be one of {TOP_SINGULAR_METHODS}, got {method!r}")
-        if not isinstance(prompt, (int, np.integer)) or not 0 <= prompt < self.num_prompts:
-            raise InputError(f"prompt {prompt!r} is outside [0, {self.num_prompts}) (this operator holds "
-                             f"{self.num_prompts} prompts)")
         if not 0 < k <= self.lm.d:
             raise InputError(f"need 0 < k <= d = {self.lm.d}; got k={k}")
-        if method == "dense" or (method == "auto" and dense_is_cheaper(self.lm.d, k, block)):
-            return self._top_singular_dense(k, prompt, tol)
         ctx = self.prompt_context(prompt)
+        if method == "dense" or (method == "auto" and dense_is_cheaper(self.lm.d, k, block)):
+            return self._top_singular_dense(k, prompt, ctx, tol)
         if not reduced:
             return lanczos.top_singular_triplets(self._fns["linear_matvec"], self._fns["linear_rmatvec"],
                                                  (self.lm.params, self.tail_params, ctx), self.lm.config.vocab_size,
@@ -355,14 +356,13 @@ class JacobianOperator:
         images = self._fns["matvec_block"](self.lm.params, self.tail_params, ctx, v.T)  # (k, V): J v_i
         return (images / jnp.maximum(s, jnp.finfo(s.dtype).tiny)[:, None]).T.astype(v.dtype)
 
-    def _top_singular_dense(self, k: int, prompt: int, tol: float | None) -> lanczos.SVDResult:
+    def _top_singular_dense(self, k: int, prompt: int, ctx: TailContext, tol: float | None) -> lanczos.SVDResult:
         """Top-k triplets from the exact route: C = M D (float64), its SVD, u = J v / s; residuals
         ||J^T u - s v|| from k VJPs (d + 2k products)."""
         one = jax.tree.map(lambda x: x[prompt:prompt + 1], self.ctx)
         d_mat = np.asarray(self._fns["normed_jacobian"](self.lm.params, self.tail_params, one)[0], np.float64)
         _, s64, vt = np.linalg.svd(self.observable_factor(prompt) @ d_mat, full_matrices=False)
         s, v = jnp.asarray(s64[:k], self.lm.dtype), jnp.asarray(vt[:k].T, self.lm.dtype)
-        ctx = self.prompt_context(prompt)
         u = self._left_vectors(ctx, s, v)
         back = self._fns["rmatvec_block"](self.lm.params, self.tail_params, ctx, u.T)  # (k, d): J^T u_i
         resid = jnp.linalg.norm(back - s[:, None] * v.T, axis=1)
@@ -385,12 +385,12 @@ class JacobianOperator:
         return lanczos.SVDResult(s, jnp.zeros((0, k), res.v.dtype), res.v,
                                  res.residuals / jnp.maximum(s, jnp.finfo(s.dtype).tiny), res.converged)
 
-    def observable_factors(self, prompts=None) -> np.ndarray:
-        """M_i (B, r, d) float64 for the prompts indexed by `prompts` (default all): the output map
+    def observable_factors(self, prompts: list[int] | None = None) -> np.ndarray:
+        """M_i (B, r, d) float64 for the prompt indices `prompts` (default all): the output map
         restricted to the final-norm output is E_i M_i with orthonormal-column E_i (r = d for logits, the
         same R for every prompt; d + 1 for log-probs; see `observable_factor`)."""
         reduction = unembedding_reduction(self.lm)
-        count = len(np.arange(self.num_prompts)[slice(None) if prompts is None else prompts])
+        count = self.num_prompts if prompts is None else len(prompts)
         if self.observable == "logits":
             return np.broadcast_to(reduction["R"], (count, *reduction["R"].shape))
         w = np.asarray(causal_lm.unembedding(self.lm.params), np.float64)
