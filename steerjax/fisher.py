@@ -511,34 +511,36 @@ def model_logits_fn(config, observable: str = "logits") -> Callable:
     from steerjax.jacobian import observe, tail_last
 
     def fn(v, aux):
-        params, tail_params, ctx = aux
+        params, ctx = aux
         v = jnp.broadcast_to(v, ctx.h[:, -1].shape).astype(ctx.h.dtype)
-        h_final = jax.vmap(lambda c, x: tail_last(config, tail_params, c, x))(ctx, v)
+        h_final = jax.vmap(lambda c, x: tail_last(config, params["blocks"], c, x))(ctx, v)
         return observe(config, params, h_final, observable)
 
     return fn
 
 
 def model_aux(op, prompts: slice | None = None) -> tuple:
-    """(params, tail_params, context) of a `JacobianOperator` (optionally a slice of its prompts): the aux
+    """(params, context) of a `JacobianOperator` (optionally a slice of its prompts): the aux
     argument of `model_logits_fn`, `normed_jacobians_at` and `factors_at`."""
     import jax
 
     ctx = op.ctx if prompts is None else jax.tree.map(lambda x: x[prompts], op.ctx)
-    return (op.lm.params, op.tail_params, ctx)
+    return (op.lm.params, ctx)
 
 
-def normed_jacobians_at(lm, aux, offsets, chunk: int = 256) -> np.ndarray:
+def normed_jacobians_at(lm, aux, offsets, chunk: int | None = None) -> np.ndarray:
     """D_i = d final_norm(h_L) / dx at x = offsets_i (added to h_layer at the last token of prompt i), float64
     (B, d, d), for aux = `model_aux(op)`: as `JacobianOperator.normed_tail_jacobian` but away from the
     unsteered point. offsets (d,) or (B, d). The logit Jacobian is J_i = W_U D_i."""
     import jax.numpy as jnp
 
-    params, tail_params, ctx = aux
+    from steerjax.jacobian import TAIL_CHUNK
+
+    params, ctx = aux
     B = ctx.h.shape[0]
     offsets = np.broadcast_to(_array(offsets, "offsets", (1, 2)), (B, lm.d))
-    d_mats = _normed_jacobian_fn(lm.config, int(chunk))(params["norm"], tail_params, ctx,
-                                                         jnp.asarray(offsets, lm.dtype))
+    chunk = TAIL_CHUNK if chunk is None else int(chunk)
+    d_mats = _normed_jacobian_fn(lm.config, chunk)(params, ctx, jnp.asarray(offsets, lm.dtype))
     return np.asarray(d_mats, np.float64)
 
 
@@ -549,11 +551,11 @@ def _normed_jacobian_fn(config, chunk: int):
     from steerjax.jacobian import jacfwd_chunked, tail_last
     from steerjax.models import causal_lm
 
-    def normed(norm_params, tail_params, ctx, x0):
-        f = lambda x: causal_lm.final_norm(config, {"norm": norm_params}, tail_last(config, tail_params, ctx, x))  # noqa: E731
+    def normed(params, ctx, x0):
+        f = lambda x: causal_lm.final_norm(config, params, tail_last(config, params["blocks"], ctx, x))  # noqa: E731
         return jacfwd_chunked(f, x0, chunk)
 
-    return jax.jit(jax.vmap(normed, in_axes=(None, None, 0, 0)))
+    return jax.jit(jax.vmap(normed, in_axes=(None, 0, 0)))
 
 
 def factors_at(lm, aux, offsets, observable: str = "logits", d_mats=None) -> np.ndarray:
@@ -568,7 +570,7 @@ def factors_at(lm, aux, offsets, observable: str = "logits", d_mats=None) -> np.
 
     if observable not in OBSERVABLES:
         raise InputError(f"unknown observable {observable!r}; choose one of {OBSERVABLES}")
-    B = aux[2].h.shape[0]
+    B = aux[1].h.shape[0]
     offsets = np.broadcast_to(_array(offsets, "offsets", (1, 2)), (B, lm.d))
     d_mats = normed_jacobians_at(lm, aux, offsets) if d_mats is None else np.asarray(d_mats, np.float64)
     reduction = unembedding_reduction(lm)

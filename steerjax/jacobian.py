@@ -31,9 +31,11 @@ from steerjax.model import LanguageModel, TokenBatch, as_token_batch
 OBSERVABLES = ("logits", "logprobs")
 JACOBIAN_POSITIONS = ("last", "all")
 # JVP tangents per vmapped chunk: the one-token tail holds one token's activations per tangent, so wide
-# chunks (matmul-shaped: on SmolLM2, d = 576 JVPs took 1.12 s in chunks of 64 and 0.65-0.69 s in chunks of
-# 144-576); a tail over the sequence holds T tokens' activations per tangent
-TAIL_CHUNK, SEQUENCE_CHUNK = 256, 64
+# chunks (matmul-shaped: on SmolLM2, the d = 576 JVPs at layer 15 took 0.32 s in chunks of 256 (3 x 192)
+# and 0.25 s in one chunk of 576; on the Qwen2.5-0.5B shape, d = 896 at layer 12, 1.45 s in 4 x 224 and
+# 1.24 s in 2 x 448 or 1 x 896), so d <= 1024 runs in one chunk and d = 4096 in 4; a tail over the sequence
+# holds T tokens' activations per tangent
+TAIL_CHUNK, SEQUENCE_CHUNK = 1024, 64
 
 
 def default_chunk(positions: str = "last", recompute: bool = False) -> int:
@@ -75,34 +77,46 @@ def _tail_context(config, params, batch: TokenBatch, layer: int) -> TailContext:
                        batch.attention_mask)
 
 
-def tail_last(config, tail_params, ctx: TailContext, x):
+def scan_tail(step, h, blocks, num_tail: int, xs=None):
+    """h after `step(h, block_params, x)` over the last num_tail blocks of the full stacked `blocks`
+    (leading axis L), each indexed in place inside the scan: an operator at layer l never copies the weights
+    of blocks l..L-1 out of the model (a sliced copy cost 58 ms per operator on SmolLM2)."""
+    num_layers = jax.tree.leaves(blocks)[0].shape[0]
+
+    def body(h, args):
+        index, x = args
+        block = jax.tree.map(lambda w: jax.lax.dynamic_index_in_dim(w, index, keepdims=False), blocks)
+        return step(h, block, x), None
+
+    h, _ = jax.lax.scan(body, h, (jnp.arange(num_layers - num_tail, num_layers), xs))
+    return h
+
+
+def tail_last(config, blocks, ctx: TailContext, x):
     """h_L (d,) at the last position of ONE prompt (ctx without batch axis) with x (d,) added to h_l
-    at the last position only; blocks run on one token against the cached prefix keys/values."""
+    at the last position only; blocks (the model's full stack) l..L-1 run on one token against the cached
+    prefix keys/values (l = L - ctx.keys.shape[0])."""
     h = (ctx.h[-1] + x)[None, None, :]
     mask = ctx.attention_mask.astype(bool)[None, None, :]
     cos, sin = ctx.cos[None, -1:], ctx.sin[None, -1:]
 
-    def step(h, xs):
-        block_params, k, v = xs
-        h, _ = causal_lm.apply_block(config, block_params, h, cos, sin, mask, kv_prefix=(k[None, :-1], v[None, :-1]))
-        return h, None
+    def step(h, block_params, kv):
+        k, v = kv
+        return causal_lm.apply_block(config, block_params, h, cos, sin, mask, kv_prefix=(k[None, :-1], v[None, :-1]))[0]
 
-    h, _ = jax.lax.scan(step, h, (tail_params, ctx.keys, ctx.values))
-    return h[0, 0]
+    return scan_tail(step, h, blocks, ctx.keys.shape[0], (ctx.keys, ctx.values))[0, 0]
 
 
-def tail_full(config, tail_params, ctx: TailContext, x, steer_mask):
+def tail_full(config, blocks, ctx: TailContext, x, steer_mask):
     """As `tail_last`, but x is added at the positions of steer_mask (T,) and blocks l..L-1 are
     re-run over the whole sequence (no cache)."""
     h = (ctx.h + steer_mask[:, None].astype(ctx.h.dtype) * x)[None]
     mask = causal_lm.causal_mask(ctx.attention_mask[None])
 
-    def step(h, block_params):
-        h, _ = causal_lm.apply_block(config, block_params, h, ctx.cos[None], ctx.sin[None], mask)
-        return h, None
+    def step(h, block_params, _):
+        return causal_lm.apply_block(config, block_params, h, ctx.cos[None], ctx.sin[None], mask)[0]
 
-    h, _ = jax.lax.scan(step, h, tail_params)
-    return h[0, -1]
+    return scan_tail(step, h, blocks, ctx.keys.shape[0])[0, -1]
 
 
 def observe(config, params, h_final, observable: str):
@@ -112,14 +126,14 @@ def observe(config, params, h_final, observable: str):
 
 
 def _tail_fn(config, positions: str, recompute: bool):
-    """Single-prompt map (tail_params, ctx, x) -> h_L at the last position."""
+    """Single-prompt map (blocks, ctx, x) -> h_L at the last position (blocks: the model's full stack)."""
     if positions == "last" and not recompute:
         return functools.partial(tail_last, config)
 
-    def fn(tail_params, ctx, x):
+    def fn(blocks, ctx, x):
         real = ctx.attention_mask.astype(bool)
         steer_mask = real if positions == "all" else jnp.arange(real.shape[0]) == real.shape[0] - 1
-        return tail_full(config, tail_params, ctx, x, steer_mask)
+        return tail_full(config, blocks, ctx, x, steer_mask)
 
     return fn
 
@@ -143,54 +157,54 @@ def _compiled(config, observable: str, positions: str, recompute: bool, chunk: i
     """jit-compiled batched (vmapped over prompts) Jacobian routines for one configuration."""
     tail = _tail_fn(config, positions, recompute)
 
-    def f_obs(params, tail_params, ctx, x):
-        return observe(config, params, tail(tail_params, ctx, x), observable)
+    def f_obs(params, ctx, x):
+        return observe(config, params, tail(params["blocks"], ctx, x), observable)
 
-    def normed(params, tail_params, ctx, x):
-        return causal_lm.final_norm(config, params, tail(tail_params, ctx, x))
+    def normed(params, ctx, x):
+        return causal_lm.final_norm(config, params, tail(params["blocks"], ctx, x))
 
     def zero(ctx):
         return jnp.zeros(ctx.h.shape[-1], ctx.h.dtype)
 
-    def matvec(params, tail_params, ctx, v):
-        return jax.jvp(lambda x: f_obs(params, tail_params, ctx, x), (zero(ctx),), (v,))[1]
+    def matvec(params, ctx, v):
+        return jax.jvp(lambda x: f_obs(params, ctx, x), (zero(ctx),), (v,))[1]
 
-    def rmatvec(params, tail_params, ctx, u):
-        return jax.vjp(lambda x: f_obs(params, tail_params, ctx, x), zero(ctx))[1](u)[0]
+    def rmatvec(params, ctx, u):
+        return jax.vjp(lambda x: f_obs(params, ctx, x), zero(ctx))[1](u)[0]
 
-    def gram_matvec(params, tail_params, ctx, v):
-        return rmatvec(params, tail_params, ctx, matvec(params, tail_params, ctx, v))
+    def gram_matvec(params, ctx, v):
+        return rmatvec(params, ctx, matvec(params, ctx, v))
 
-    def dense(params, tail_params, ctx):
-        return jacfwd_chunked(lambda x: f_obs(params, tail_params, ctx, x), zero(ctx), chunk)
+    def dense(params, ctx):
+        return jacfwd_chunked(lambda x: f_obs(params, ctx, x), zero(ctx), chunk)
 
-    def normed_jacobian(params, tail_params, ctx):
-        return jacfwd_chunked(lambda x: normed(params, tail_params, ctx, x), zero(ctx), chunk)
+    def normed_jacobian(params, ctx):
+        return jacfwd_chunked(lambda x: normed(params, ctx, x), zero(ctx), chunk)
 
-    def last_probs(params, tail_params, ctx):
-        return jax.nn.softmax(observe(config, params, tail(tail_params, ctx, zero(ctx)), "logits"))
+    def last_probs(params, ctx):
+        return jax.nn.softmax(observe(config, params, tail(params["blocks"], ctx, zero(ctx)), "logits"))
 
     def linearise(args):
         """(J v, J^T u) closures over one linearisation (the primal runs once, not at every product)."""
-        params, tail_params, ctx = args
-        out, jvp_fn = jax.linearize(lambda x: f_obs(params, tail_params, ctx, x), zero(ctx))
+        params, ctx = args
+        out, jvp_fn = jax.linearize(lambda x: f_obs(params, ctx, x), zero(ctx))
         transpose = jax.linear_transpose(jvp_fn, zero(ctx))
         return (lambda v: jvp_fn(v).astype(ctx.h.dtype)), (lambda u: transpose(u.astype(out.dtype))[0])
 
     def linearise_reduced(args):
         """Closures (v -> M D v, y -> D^T M^T y) for the reduced operator M D (r x d) with the same singular
         triplets as J = E M D (see `observable_factor`); D = d norm(h_L)/dx is linearised once."""
-        params, tail_params, ctx, factor = args
-        _, jvp_fn = jax.linearize(lambda x: normed(params, tail_params, ctx, x), zero(ctx))
+        params, ctx, factor = args
+        _, jvp_fn = jax.linearize(lambda x: normed(params, ctx, x), zero(ctx))
         transpose = jax.linear_transpose(jvp_fn, zero(ctx))
         return (lambda v: factor @ jvp_fn(v).astype(factor.dtype),
                 lambda y: transpose((factor.T @ y).astype(ctx.h.dtype))[0])
 
     def gram_sum(args, v):
-        params, tail_params, ctx = args
-        return jnp.sum(jax.vmap(gram_matvec, in_axes=(None, None, 0, None))(params, tail_params, ctx, v), axis=0)
+        params, ctx = args
+        return jnp.sum(jax.vmap(gram_matvec, in_axes=(None, 0, None))(params, ctx, v), axis=0)
 
-    over_prompts = lambda fn, *axes: jax.jit(jax.vmap(fn, in_axes=(None, None, 0, *axes)))  # noqa: E731
+    over_prompts = lambda fn, *axes: jax.jit(jax.vmap(fn, in_axes=(None, 0, *axes)))  # noqa: E731
     return {
         # un-jitted, args-first single-prompt / stacked products for the Lanczos solvers
         "matvec_one": lambda args, v: matvec(*args, v),
@@ -202,13 +216,13 @@ def _compiled(config, observable: str, positions: str, recompute: bool, chunk: i
         "gram_sum": gram_sum,
         "matvec": over_prompts(matvec, 0),
         "rmatvec": over_prompts(rmatvec, 0),
-        "matvec_block": jax.jit(lambda p, tp, ctx, vs: jax.vmap(lambda v: matvec(p, tp, ctx, v))(vs)),
-        "rmatvec_block": jax.jit(lambda p, tp, ctx, us: jax.vmap(lambda u: rmatvec(p, tp, ctx, u))(us)),
-        "gram_matvec": jax.jit(lambda p, tp, ctx, v: gram_sum((p, tp, ctx), v)),
+        "matvec_block": jax.jit(lambda p, ctx, vs: jax.vmap(lambda v: matvec(p, ctx, v))(vs)),
+        "rmatvec_block": jax.jit(lambda p, ctx, us: jax.vmap(lambda u: rmatvec(p, ctx, u))(us)),
+        "gram_matvec": jax.jit(lambda p, ctx, v: gram_sum((p, ctx), v)),
         "dense": over_prompts(dense),
         "normed_jacobian": over_prompts(normed_jacobian),
         "probs": over_prompts(last_probs),
-        "value": over_prompts(lambda p, tp, ctx: f_obs(p, tp, ctx, zero(ctx))),
+        "value": over_prompts(lambda p, ctx: f_obs(p, ctx, zero(ctx))),
     }
 
 
@@ -269,7 +283,6 @@ class JacobianOperator:
         self.batch = as_token_batch(self.batch)
         self.lm.check_ids(self.batch)
         self.layer = int(self.layer)
-        self.tail_params = jax.tree.map(lambda x: x[self.layer:], self.lm.params["blocks"])
         self.ctx = _tail_context(self.lm.config, self.lm.params,
                                  TokenBatch(self.lm.to_device(self.batch.ids),
                                             self.lm.to_device(self.batch.attention_mask)),
@@ -283,7 +296,7 @@ class JacobianOperator:
         return int(self.batch.ids.shape[0])
 
     def _call(self, name, *args):
-        return self._fns[name](self.lm.params, self.tail_params, self.ctx, *args)
+        return self._fns[name](self.lm.params, self.ctx, *args)
 
     def value(self):
         """Unsteered observable at the last position (B, V)."""
@@ -340,12 +353,12 @@ class JacobianOperator:
             return self._top_singular_dense(k, prompt, ctx, tol)
         if not reduced:
             return lanczos.top_singular_triplets(self._fns["linear_matvec"], self._fns["linear_rmatvec"],
-                                                 (self.lm.params, self.tail_params, ctx), self.lm.config.vocab_size,
+                                                 (self.lm.params, ctx), self.lm.config.vocab_size,
                                                  self.lm.d, k, block, max_blocks, tol, seed, self.lm.dtype,
                                                  prepare=self._fns["linearise"])
         factor = jnp.asarray(self.observable_factor(prompt), self.lm.dtype)
         res = lanczos.top_singular_triplets(self._fns["linear_matvec"], self._fns["linear_rmatvec"],
-                                            (self.lm.params, self.tail_params, ctx, factor), factor.shape[0],
+                                            (self.lm.params, ctx, factor), factor.shape[0],
                                             self.lm.d, k, block, max_blocks, tol, seed, self.lm.dtype,
                                             prepare=self._fns["linearise_reduced"])
         u = self._left_vectors(ctx, res.s, res.v)
@@ -353,18 +366,18 @@ class JacobianOperator:
 
     def _left_vectors(self, ctx: TailContext, s, v):
         """u = J v / s (V, k) from one block of k JVPs (v (d, k), s (k,))."""
-        images = self._fns["matvec_block"](self.lm.params, self.tail_params, ctx, v.T)  # (k, V): J v_i
+        images = self._fns["matvec_block"](self.lm.params, ctx, v.T)  # (k, V): J v_i
         return (images / jnp.maximum(s, jnp.finfo(s.dtype).tiny)[:, None]).T.astype(v.dtype)
 
     def _top_singular_dense(self, k: int, prompt: int, ctx: TailContext, tol: float | None) -> lanczos.SVDResult:
         """Top-k triplets from the exact route: C = M D (float64), its SVD, u = J v / s; residuals
         ||J^T u - s v|| from k VJPs (d + 2k products)."""
         one = jax.tree.map(lambda x: x[prompt:prompt + 1], self.ctx)
-        d_mat = np.asarray(self._fns["normed_jacobian"](self.lm.params, self.tail_params, one)[0], np.float64)
+        d_mat = np.asarray(self._fns["normed_jacobian"](self.lm.params, one)[0], np.float64)
         _, s64, vt = np.linalg.svd(self.observable_factor(prompt) @ d_mat, full_matrices=False)
         s, v = jnp.asarray(s64[:k], self.lm.dtype), jnp.asarray(vt[:k].T, self.lm.dtype)
         u = self._left_vectors(ctx, s, v)
-        back = self._fns["rmatvec_block"](self.lm.params, self.tail_params, ctx, u.T)  # (k, d): J^T u_i
+        back = self._fns["rmatvec_block"](self.lm.params, ctx, u.T)  # (k, d): J^T u_i
         resid = jnp.linalg.norm(back - s[:, None] * v.T, axis=1)
         tol = lanczos.default_tolerance(self.lm.dtype) if tol is None else float(tol)
         converged = lanczos.residuals_converged(resid, float(s[0]), tol, (
@@ -379,7 +392,7 @@ class JacobianOperator:
         condition number: for the top of the spectrum only (use `factors` for small singular values)."""
         n = n_prompts or self.num_prompts
         ctx = jax.tree.map(lambda x: x[:n], self.ctx)
-        res = lanczos.lanczos_eigh(self._fns["gram_sum"], (self.lm.params, self.tail_params, ctx), self.lm.d,
+        res = lanczos.lanczos_eigh(self._fns["gram_sum"], (self.lm.params, ctx), self.lm.d,
                                    k, steps, seed, self.lm.dtype, tol)
         s = jnp.sqrt(jnp.maximum(res.w, 0.0))
         return lanczos.SVDResult(s, jnp.zeros((0, k), res.v.dtype), res.v,

@@ -105,17 +105,25 @@ class Attention(nnx.Module):
         v = self.v_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
         return q, k, v
 
-    def attend(self, q, k, v, mask):
-        """Softmax attention of q (B, T, H, h) over k, v (B, S, K, h) with mask (B, T, S) -> (B, T, d)."""
+    def attend(self, q, k, v, mask, kv_prefix=None):
+        """Softmax attention of q (B, T, H, h) over k, v (B, S, K, h) with mask (B, T, S) -> (B, T, d).
+        With kv_prefix (k_p, v_p), each (B, S - T, K, h), k and v hold only this call's T positions and the
+        keys are [k_p; k]: the prefix enters the products directly instead of through a concatenation, so
+        under jvp / vmap no zero tangent of the cached prefix is materialised (once per tangent)."""
         B, T = q.shape[:2]
         groups = self.num_heads // self.num_kv_heads
         q = q.reshape(B, T, self.num_kv_heads, groups, self.head_dim)
         acc = accumulation_dtype(v.dtype)
-        scores = jnp.einsum("btkgh,bskh->bkgts", q, k, precision=HIGHEST,
-                            preferred_element_type=acc) / math.sqrt(self.head_dim)
+        keys = [k] if kv_prefix is None else [kv_prefix[0], k]
+        values = [v] if kv_prefix is None else [kv_prefix[1], v]
+        scores = jnp.concatenate([jnp.einsum("btkgh,bskh->bkgts", q, part, precision=HIGHEST,
+                                             preferred_element_type=acc) for part in keys], axis=-1)
+        scores = scores / math.sqrt(self.head_dim)
         scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(scores.dtype).min)
         probs = jax.nn.softmax(scores, axis=-1)  # kept in float32: probs @ v accumulates in float32
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, v.astype(acc), precision=HIGHEST).astype(v.dtype)
+        splits = np.cumsum([part.shape[1] for part in values])[:-1]
+        out = sum(jnp.einsum("bkgts,bskh->btkgh", p, part.astype(acc), precision=HIGHEST)
+                  for p, part in zip(jnp.split(probs, splits, axis=-1), values)).astype(v.dtype)
         return self.o_proj(out.reshape(B, T, self.num_heads * self.head_dim))
 
     def __call__(self, x, cos, sin, mask, kv_prefix=None):
@@ -123,10 +131,11 @@ class Attention(nnx.Module):
         kv_prefix: optional cached (k, v), each (B, S - T, K, h).
         Returns output (B, T, d) and this call's full (k, v), each (B, S, K, h)."""
         q, k, v = self.project_qkv(x, cos, sin)
+        out = self.attend(q, k, v, mask, kv_prefix)
         if kv_prefix is not None:
             k = jnp.concatenate([kv_prefix[0], k], axis=1)
             v = jnp.concatenate([kv_prefix[1], v], axis=1)
-        return self.attend(q, k, v, mask), (k, v)
+        return out, (k, v)
 
     def decode(self, x, cos, sin, mask, cache_k, cache_v, slot):
         """One KV-cache step: x (B, 1, d) is written to cache slot `slot` (traced int) of the
