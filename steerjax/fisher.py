@@ -329,6 +329,8 @@ def _runner(loss: Callable, optimizer, steps: int, per_start_data: bool):
     import jax.numpy as jnp
     import optax
 
+    from steerjax import xla
+
     opt = optax.with_extra_args_support(optimizer)
 
     def one(v_start, data_r, aux, gtol):
@@ -358,7 +360,7 @@ def _runner(loss: Callable, optimizer, steps: int, per_start_data: bool):
         k, v, _, value, grad, history = jax.lax.while_loop(cond, body, (0, v_start, state, value, grad, history))
         return v, value, jnp.linalg.norm(grad), history, k
 
-    return jax.jit(jax.vmap(one, in_axes=(0, 0 if per_start_data else None, None, None)))
+    return xla.jit(jax.vmap(one, in_axes=(0, 0 if per_start_data else None, None, None)))
 
 
 def linear_logits(v, aux):
@@ -463,6 +465,8 @@ def _residual_fn(fn: Callable):
     import jax
     import jax.numpy as jnp
 
+    from steerjax import xla
+
     def compute(x, direction, a, aux):
         f = lambda y: fn(y, aux)  # noqa: E731
         f0, ju = jax.jvp(f, (x,), (direction,))
@@ -471,7 +475,7 @@ def _residual_fn(fn: Callable):
         axes = tuple(range(1, fa.ndim))
         return jnp.sqrt(jnp.sum((fa - f0 - lin) ** 2, axis=axes)), jnp.sqrt(jnp.sum(lin**2, axis=axes))
 
-    return jax.jit(compute)
+    return xla.jit(compute)
 
 
 class SlopeFit(NamedTuple):
@@ -548,6 +552,7 @@ def normed_jacobians_at(lm, aux, offsets, chunk: int | None = None) -> np.ndarra
 def _normed_jacobian_fn(config, chunk: int):
     import jax
 
+    from steerjax import xla
     from steerjax.jacobian import jacfwd_chunked, tail_last
     from steerjax.models import causal_lm
 
@@ -555,7 +560,7 @@ def _normed_jacobian_fn(config, chunk: int):
         f = lambda x: causal_lm.final_norm(config, params, tail_last(config, params["blocks"], ctx, x))  # noqa: E731
         return jacfwd_chunked(f, x0, chunk)
 
-    return jax.jit(jax.vmap(normed, in_axes=(None, 0, 0)))
+    return xla.jit(jax.vmap(normed, in_axes=(None, 0, 0)))
 
 
 def factors_at(lm, aux, offsets, observable: str = "logits", d_mats=None) -> np.ndarray:

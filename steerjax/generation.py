@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from steerjax import xla
 from steerjax.errors import InputError
 from steerjax.model import LanguageModel, as_token_batch
 from steerjax.models import causal_lm
@@ -128,7 +129,7 @@ def generate_pure(config: ModelConfig, params, ids, attention_mask, steer_layer,
 @functools.lru_cache(maxsize=None)
 def jitted_generate(config: ModelConfig, max_new_tokens: int, mode: str, eos_ids: tuple[int, ...], pad_id: int,
                     return_logits: bool):
-    return jax.jit(functools.partial(generate_pure, config, max_new_tokens=max_new_tokens, mode=mode,
+    return xla.jit(functools.partial(generate_pure, config, max_new_tokens=max_new_tokens, mode=mode,
                                      eos_ids=eos_ids, pad_id=pad_id, return_logits=return_logits))
 
 

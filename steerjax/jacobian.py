@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from steerjax import lanczos
+from steerjax import lanczos, xla
 from steerjax.errors import InputError, SteeringError
 from steerjax.models import causal_lm
 from steerjax.model import LanguageModel, TokenBatch, as_token_batch
@@ -69,7 +69,7 @@ class TailContext(NamedTuple):
     attention_mask: Any
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
+@functools.partial(xla.jit, static_argnums=(0, 3))
 def _tail_context(config, params, batch: TokenBatch, layer: int) -> TailContext:
     hidden, keys, values, cos, sin = causal_lm.forward_with_cache(config, params, batch.ids, batch.attention_mask)
     to_batch_major = lambda x: jnp.moveaxis(x[layer:], 0, 1)  # noqa: E731
@@ -204,7 +204,7 @@ def _compiled(config, observable: str, positions: str, recompute: bool, chunk: i
         params, ctx = args
         return jnp.sum(jax.vmap(gram_matvec, in_axes=(None, 0, None))(params, ctx, v), axis=0)
 
-    over_prompts = lambda fn, *axes: jax.jit(jax.vmap(fn, in_axes=(None, 0, *axes)))  # noqa: E731
+    over_prompts = lambda fn, *axes: xla.jit(jax.vmap(fn, in_axes=(None, 0, *axes)))  # noqa: E731
     return {
         # un-jitted, args-first single-prompt / stacked products for the Lanczos solvers
         "matvec_one": lambda args, v: matvec(*args, v),
@@ -216,9 +216,9 @@ def _compiled(config, observable: str, positions: str, recompute: bool, chunk: i
         "gram_sum": gram_sum,
         "matvec": over_prompts(matvec, 0),
         "rmatvec": over_prompts(rmatvec, 0),
-        "matvec_block": jax.jit(lambda p, ctx, vs: jax.vmap(lambda v: matvec(p, ctx, v))(vs)),
-        "rmatvec_block": jax.jit(lambda p, ctx, us: jax.vmap(lambda u: rmatvec(p, ctx, u))(us)),
-        "gram_matvec": jax.jit(lambda p, ctx, v: gram_sum((p, ctx), v)),
+        "matvec_block": xla.jit(lambda p, ctx, vs: jax.vmap(lambda v: matvec(p, ctx, v))(vs)),
+        "rmatvec_block": xla.jit(lambda p, ctx, us: jax.vmap(lambda u: rmatvec(p, ctx, u))(us)),
+        "gram_matvec": xla.jit(lambda p, ctx, v: gram_sum((p, ctx), v)),
         "dense": over_prompts(dense),
         "normed_jacobian": over_prompts(normed_jacobian),
         "probs": over_prompts(last_probs),

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from steerjax import xla
+
 
 class ConvergenceWarning(UserWarning):
     """A Krylov solver stopped before its residuals met the tolerance."""
@@ -136,7 +138,7 @@ def _ritz(B, W, V, filled, k: int, block: int):
     return s, P, Q, jnp.where(jnp.arange(k) < filled, resid, jnp.inf)
 
 
-@functools.partial(jax.jit, static_argnames=("matvec", "rmatvec", "n", "d", "k", "block", "max_blocks", "dtype",
+@functools.partial(xla.jit, static_argnames=("matvec", "rmatvec", "n", "d", "k", "block", "max_blocks", "dtype",
                                              "prepare"))
 def block_golub_kahan(matvec: Callable, rmatvec: Callable, args, n: int, d: int, k: int, block: int,
                       max_blocks: int, tol, key, dtype=jnp.float32, prepare: Callable | None = None):
@@ -231,7 +233,7 @@ def top_singular_triplets(matvec: Callable, rmatvec: Callable, args, n: int, d: 
     return SVDResult(s, u, v, resid, converged, 2 * block * int(rounds))
 
 
-@functools.partial(jax.jit, static_argnames=("matvec", "d", "steps", "dtype"))
+@functools.partial(xla.jit, static_argnames=("matvec", "d", "steps", "dtype"))
 def lanczos_tridiag(matvec: Callable, args, d: int, steps: int, key, dtype=jnp.float32):
     """`steps` rounds of symmetric Lanczos: S Q^T = Q^T T + beta_m q_{m+1} e_m^T. Returns (diag (steps,),
     offdiag (steps-1,), beta_m, Q (steps, d))."""

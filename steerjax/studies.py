@@ -158,8 +158,7 @@ def kernel_direction(factor, v, rng: np.random.Generator, k_smallest: int = 32,
 
 @functools.lru_cache(maxsize=None)
 def _last_logits_fn(config):
-    import jax
-
+    from steerjax import xla
     from steerjax.models import causal_lm
 
     def fn(params, ids, mask, layer, delta):
@@ -167,7 +166,7 @@ def _last_logits_fn(config):
         h_final, _, _, _ = causal_lm.run_blocks(config, params, h, cos, sin, cmask, layer, delta.astype(h.dtype))
         return causal_lm.logits_from_final_hidden(config, params, h_final[:, -1:])[:, 0]
 
-    return jax.jit(fn)
+    return xla.jit(fn)
 
 
 def steered_last_logits(lm, batch, layer: int | None, vectors=None, alpha: float = 1.0) -> np.ndarray:

@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 import steerjax as sj
 from conftest import rel_err, random_ids
 from hf_reference import hf_forward
+from steerjax import generation, xla
 from steerjax.models.layers import Linear
 from steerjax.sharding import partition_specs
 
@@ -170,3 +172,58 @@ def test_bf16_jacobian_spectrum_close_to_float32(tiny_checkpoints):
                        compute_uv=False) for dt in ("float32", "bfloat16")]
     # bf16 resolves singular values to ~1e-2 of sigma_max; compare the top 8
     assert rel_err(s[1][:8], s[0][:8]) <= 3e-2
+
+
+def _materialised_f32_stacks(hlo: str, stacks) -> list[str]:
+    """float32 buffers with the shape of one of the weight stacks (L, ...) that compiled HLO text writes:
+    results of instructions outside fused computations (inside a fusion, a convert of the stack followed
+    by a dynamic-slice only computes the slice's elements)."""
+    shapes = {"f32[" + ",".join(map(str, x.shape)) + "]" for x in stacks}
+    fused = set(re.findall(r"fusion\(.*?calls=(%[\w.\-]+)", hlo))
+    found, in_fused = set(), False
+    for line in hlo.splitlines():
+        header = re.match(r"(?:ENTRY )?(%[\w.\-]+) .*\{$", line)
+        if header:
+            in_fused = header.group(1) in fused
+        elif not in_fused:
+            result = re.match(r"\s*(?:ROOT )?%[\w.\-]+ = (f32\[[\d,]+\])", line)
+            if result and result.group(1) in shapes:
+                found.add(result.group(1))
+    return sorted(found)
+
+
+def test_bf16_layer_loop_never_upcasts_the_weight_stack(tiny_checkpoints):
+    """XLA CPU turns a bf16 dynamic-slice of the stacked block weights into a float32 copy of the whole
+    stack hoisted out of the layer loop (see steerjax/xla.py); the forward compiled by steerjax has no
+    float32 array of a stack's shape, the same program under plain jax.jit does, and both agree."""
+    from steerjax.models import causal_lm
+
+    folder, _ = tiny_checkpoints["llama3_untied_gqa2"]
+    lm = sj.load_model(folder, dtype="bfloat16")
+    ids = lm.to_device(random_ids(np.random.default_rng(3), 2, 9))
+    args = (lm.params, ids, jnp.ones_like(ids), jnp.int32(-1), jnp.zeros((*ids.shape, lm.d), lm.dtype))
+    stacks = [x for x in jax.tree.leaves(lm.params["blocks"]) if x.ndim == 3]
+    ours = causal_lm.jitted_forward(lm.config, False)
+    plain = jax.jit(ours.__wrapped__)
+    assert jax.default_backend() != "cpu" or xla.compiler_options("cpu") == xla.CPU_COMPILER_OPTIONS
+    assert _materialised_f32_stacks(ours.lower(*args).compile().as_text(), stacks) == []
+    if jax.default_backend() == "cpu":  # the test would catch the upcast: plain jit shows it
+        assert _materialised_f32_stacks(plain.lower(*args).compile().as_text(), stacks) != []
+    np.testing.assert_array_equal(np.asarray(ours(*args)[0], np.float32), np.asarray(plain(*args)[0], np.float32))
+    # the decode loop (a layer scan inside the token scan) and the Jacobian tail
+    gen = generation.jitted_generate(lm.config, 3, "last+generated", (), 0, False)
+    gen_args = (lm.params, ids, jnp.ones_like(ids), jnp.int32(1), jnp.ones(lm.d, lm.dtype), jnp.float32(1.0),
+                generation.row_keys(0, 2), jnp.float32(0.0), jnp.float32(1.0))
+    assert _materialised_f32_stacks(gen.lower(*gen_args).compile().as_text(), stacks) == []
+    op = sj.jacobian_operator(lm, np.asarray(ids[0]), layer=1)
+    tail = op._fns["normed_jacobian"].lower(lm.params, op.ctx).compile().as_text()
+    assert _materialised_f32_stacks(tail, stacks) == []
+
+
+def test_backend_jit_options_per_backend():
+    assert xla.compiler_options("cpu") == {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
+    assert xla.compiler_options("gpu") is None and xla.compiler_options("tpu") is None
+    fn = xla.jit(lambda x, n: x * n, static_argnums=1)
+    assert fn.__name__ == "<lambda>"
+    assert float(fn(jnp.float32(2.0), 3)) == 6.0
+    assert "multiply" in fn.lower(jnp.float32(2.0), 3).as_text()

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from steerjax import xla
 from steerjax.models.config import ModelConfig
 from steerjax.models.layers import HIGHEST, DecoderBlock, RMSNorm, rope_cos_sin, rope_inv_freq
 
@@ -130,4 +131,4 @@ def forward_with_cache(config: ModelConfig, params, ids, attention_mask, steer_l
 @functools.lru_cache(maxsize=None)
 def jitted_forward(config: ModelConfig, return_hidden: bool):
     """jit-compiled `forward` for one config (cached)."""
-    return jax.jit(functools.partial(forward, config, return_hidden=return_hidden))
+    return xla.jit(functools.partial(forward, config, return_hidden=return_hidden))
