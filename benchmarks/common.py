@@ -67,23 +67,33 @@ def qwen05b_random_folder(seed: int = 0) -> Path:
 
 
 class BenchModel:
-    """A steerjax LanguageModel and a factory for its transformers twin (float32, chosen attention)."""
+    """A steerjax LanguageModel and a factory for its transformers twin (chosen attention and dtype)."""
 
     def __init__(self, name: str):
         self.name = name
         self.folder = None if name == "smollm2" else qwen05b_random_folder() if name == "qwen05b-random" \
             else Path(name)
         self.lm = sj.load_model(self.folder)
+        self._models: dict[str, sj.LanguageModel] = {}
 
-    def hf(self, attn: str = "eager"):
+    def model(self, dtype: str = "float32") -> sj.LanguageModel:
+        """The steerjax model with weights in dtype (float32: the one loaded at start; others cached)."""
+        if dtype == "float32":
+            return self.lm
+        if dtype not in self._models:
+            self._models[dtype] = sj.load_model(self.folder, dtype=dtype)
+        return self._models[dtype]
+
+    def hf(self, attn: str = "eager", dtype: str = "float32"):
         from transformers import AutoModelForCausalLM
 
+        torch_dtype = getattr(torch, dtype)
         if self.folder is None:
             path = default_model_path()
             return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                        attn_implementation=attn, dtype=torch.float32).eval()
+                                                        attn_implementation=attn, dtype=torch_dtype).eval()
         return AutoModelForCausalLM.from_pretrained(str(self.folder), attn_implementation=attn,
-                                                    dtype=torch.float32).eval()
+                                                    dtype=torch_dtype).eval()
 
     def prompt_ids(self, batch: int, length: int, seed: int = 0) -> np.ndarray:
         """(batch, length) token ids without padding: a tokenized text for models with a tokenizer,

@@ -6,7 +6,9 @@ achieved GFLOP/s next to the float32 matmul throughput measured in the same run.
         [--new-tokens 32] [--repeats 3]
 
 HF runs with eager attention (as in every steerjax reference) and sdpa; torch uses all cores. Prompts are
-tokenized texts (left-padded) for models with a tokenizer, 16 random tokens per row otherwise.
+tokenized texts (left-padded) for models with a tokenizer, 16 random tokens per row otherwise. Each weight
+dtype in --dtypes (default float32,bfloat16) is a separate comparison: bf16 weights with float32
+accumulation in both libraries (torch's bf16 CPU matmuls go through oneDNN, AMX where the CPU has it).
 """
 
 from __future__ import annotations
@@ -38,26 +40,24 @@ def prompt_batch(bench: BenchModel, batch: int) -> sj.TokenBatch:
     return lm.tokenize((PROMPTS * (batch // len(PROMPTS) + 1))[:batch])
 
 
-def run_generation(bench: BenchModel, batch_size: int, new_tokens: int, repeats: int, peak: dict) -> dict:
-    lm = bench.lm
-    batch = prompt_batch(bench, batch_size)
+def time_generation(bench: BenchModel, dtype: str, batch: sj.TokenBatch, new_tokens: int, repeats: int) -> dict:
+    """Median seconds of steerjax and of HF generate (eager, sdpa) with the same steering, weights in dtype."""
+    lm = bench.model(dtype)
     layer = lm.num_layers // 2
     v = np.random.default_rng(0).normal(size=lm.d).astype(np.float32)
     steer = sj.Steer(layer=layer, vector=v, alpha=1.0, positions="last+generated")
-    n_tokens = batch_size * new_tokens
-    flops = generation_flops(lm.config, batch_size, batch.ids.shape[1], new_tokens)
-
     ours, _ = time_call(lambda: sj.generate(lm, batch, steer=steer, max_new_tokens=new_tokens,
                                             stop_at_eos=False).tokens, repeats)
     results = {"steerjax sj.generate": ours}
     ids = torch.as_tensor(batch.ids, dtype=torch.long)
     mask = torch.as_tensor(batch.attention_mask, dtype=torch.long)
     for attn in ("eager", "sdpa"):
-        model = bench.hf(attn)
+        model = bench.hf(attn, dtype)
+        v_torch = torch.as_tensor(v).to(next(model.parameters()).dtype)
 
         def hook(module, hargs, kwargs):
             hidden = hargs[0] if hargs else kwargs["hidden_states"]
-            hidden = torch.cat([hidden[:, :-1], hidden[:, -1:] + torch.as_tensor(v)], dim=1)
+            hidden = torch.cat([hidden[:, :-1], hidden[:, -1:] + v_torch], dim=1)
             return ((hidden, *hargs[1:]), kwargs) if hargs else (hargs, {**kwargs, "hidden_states": hidden})
 
         model.model.layers[layer].register_forward_pre_hook(hook, with_kwargs=True)
@@ -69,24 +69,39 @@ def run_generation(bench: BenchModel, batch_size: int, new_tokens: int, repeats:
 
         results[f"HF generate ({attn}) + hook"], _ = time_call(run_hf, repeats)
         del model
+    return results
 
-    # every decode step reads every weight once: weights consumed per second, against the rate this machine
-    # runs batch-row products over layer-shaped weights at (measured now, for both libraries)
-    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(lm.params))
-    stream = weight_stream_gbs(lm.config, batch_size)
+
+def run_generation(bench: BenchModel, batch_size: int, new_tokens: int, repeats: int, peak: dict,
+                   dtypes: tuple[str, ...] = ("float32", "bfloat16")) -> dict:
+    """Steered greedy generation, steerjax vs HF, once per weight dtype (ratios within a dtype)."""
+    batch = prompt_batch(bench, batch_size)
+    n_tokens = batch_size * new_tokens
+    flops = generation_flops(bench.lm.config, batch_size, batch.ids.shape[1], new_tokens)
     print(f"\n(c) steered generation: batch {batch_size} x {new_tokens} new tokens (prompt width "
-          f"{batch.ids.shape[1]}), steering at layer {layer} (last+generated), greedy, median of {repeats}")
-    print(f"  {'method':32s} {'median s':>9s} {'tok/s':>8s} {'GFLOP/s':>8s} {'% of matmul':>11s} {'weights GB/s':>12s} "
-          f"{'ratio':>7s}")
-    for name, seconds in results.items():
-        rate = flops / seconds / 1e9
-        lib = "jax" if name.startswith("steerjax") else "torch"
-        ratio = "" if seconds == ours else f"{seconds / ours:6.2f}x"
-        print(f"  {name:32s} {seconds:9.2f} {n_tokens / seconds:8.1f} {rate:8.1f} {100 * rate / peak[lib]:10.0f}% "
-              f"{new_tokens * weight_bytes / seconds / 1e9:12.1f} {ratio:>7s}")
+          f"{batch.ids.shape[1]}), steering at layer {bench.lm.num_layers // 2} (last+generated), greedy, median of "
+          f"{repeats}; bfloat16 = bf16 weights with float32 accumulation in both libraries")
+    print(f"  {'dtype':8s} {'method':32s} {'median s':>9s} {'tok/s':>8s} {'GFLOP/s':>8s} {'% of matmul':>11s} "
+          f"{'weights GB/s':>12s} {'ratio':>7s}")
+    out = {}
+    for dtype in dtypes:
+        results = time_generation(bench, dtype, batch, new_tokens, repeats)
+        ours = results["steerjax sj.generate"]
+        # every decode step reads every weight once: weights consumed per second
+        weight_bytes = sum(x.nbytes for x in jax.tree.leaves(bench.model(dtype).params))
+        for name, seconds in results.items():
+            rate = flops / seconds / 1e9
+            lib = "jax" if name.startswith("steerjax") else "torch"
+            ratio = "" if name.startswith("steerjax") else f"{seconds / ours:6.2f}x"
+            print(f"  {dtype:8s} {name:32s} {seconds:9.2f} {n_tokens / seconds:8.1f} {rate:8.1f} "
+                  f"{100 * rate / peak[lib]:10.0f}% {new_tokens * weight_bytes / seconds / 1e9:12.1f} {ratio:>7s}")
+        out[dtype] = results
+    # against the rate this machine runs batch-row products over layer-shaped weights at (both libraries)
+    stream = weight_stream_gbs(bench.lm.config, batch_size)
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(bench.lm.params))
     print(f"  batch-{batch_size} products over layer-shaped float32 weights on this machine: jax {stream['jax']:.1f} GB/s, "
-          f"torch {stream['torch']:.1f} GB/s (each decode step reads all {weight_bytes / 1e6:.0f} MB of weights)")
-    return {**results, "weight_stream_gbs": stream}
+          f"torch {stream['torch']:.1f} GB/s (each float32 decode step reads all {weight_bytes / 1e6:.0f} MB of weights)")
+    return {**out, "weight_stream_gbs": stream}
 
 
 def main():
@@ -96,13 +111,14 @@ def main():
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="pin torch and XLA CPU threads (see common.py)")
+    p.add_argument("--dtypes", default="float32,bfloat16", help="weight dtypes to compare in (comma-separated)")
     args = p.parse_args()
     bench = BenchModel(args.model)
     peak = matmul_gflops()
     print(f"model {args.model}; torch threads {torch.get_num_threads()}, XLA_FLAGS "
           f"{os.environ.get('XLA_FLAGS', '').strip() or '-'}; float32 matmul 2048^3: "
           f"jax {peak['jax']:.1f} GFLOP/s, torch {peak['torch']:.1f} GFLOP/s")
-    run_generation(bench, args.batch, args.new_tokens, args.repeats, peak)
+    run_generation(bench, args.batch, args.new_tokens, args.repeats, peak, tuple(args.dtypes.split(",")))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
     python benchmarks/jacobian_spectrum.py --model {smollm2,qwen05b-random,FOLDER} [--repeats 3]
         [--prompt-len 32] [--k 32] [--parts spectrum,topk,generation] [--jacfwd-chunk 128]
 
-J = d logits[last] / d h_l[last] for one prompt at layer l = L // 2 (float32 everywhere).
+J = d logits[last] / d h_l[last] for one prompt at layer l = L // 2 (float32 everywhere but the bf16 rows of (c)).
 (a) exact spectrum (all d singular values):
     steerjax      JacobianOperator.factors(): d JVPs through the one-token tail against the cached prefix,
                   D = d norm(h_L)/dh_l, then sigma(R D) with W_U = Q R (the QR is once per model; its time
@@ -25,7 +25,7 @@ J = d logits[last] / d h_l[last] for one prompt at layer l = L // 2 (float32 eve
     LinearOperator whose matvec is torch.func.jvp and rmatvec a torch.func.vjp closure (computed once), on
     the torch last-position tail (the strong peer) and on the tail over the whole sequence.
 (c) steered generation: sj.generate vs HF generate with a steering forward-pre-hook (see
-    generation_throughput.py), greedy.
+    generation_throughput.py), greedy, in float32 and again with bfloat16 weights (--gen-dtypes).
 Each timing is the median of --repeats calls after one warm-up call (steerjax's warm-up compiles).
 Achieved GFLOP/s use the analytic matmul FLOPs of each method (benchmarks/common.py), next to the float32
 matmul throughput of jax and torch measured in the same run.
@@ -168,6 +168,7 @@ def main():
     p.add_argument("--parts", default="spectrum,topk,generation")
     p.add_argument("--gen-batch", type=int, default=8)
     p.add_argument("--gen-tokens", type=int, default=32)
+    p.add_argument("--gen-dtypes", default="float32,bfloat16", help="weight dtypes for (c), comma-separated")
     args = p.parse_args()
     parts = set(args.parts.split(","))
     args.peer_repeats = args.peer_repeats or args.repeats
@@ -268,7 +269,7 @@ def main():
         del hf
         from generation_throughput import run_generation
 
-        run_generation(bench, args.gen_batch, args.gen_tokens, args.repeats, peak)
+        run_generation(bench, args.gen_batch, args.gen_tokens, args.repeats, peak, tuple(args.gen_dtypes.split(",")))
 
 
 if __name__ == "__main__":

@@ -27,5 +27,7 @@ def test_jacobian_spectrum_benchmark_runs_and_agrees_with_peers(tiny_checkpoints
     errors = [float(x) for x in re.findall(r" (\d\.\de[-+]\d\d)", " " + agreement + ", " + accuracy)]
     assert len(errors) == 7 and max(errors) < 1e-4, (agreement, accuracy)
     assert out.count("converged True") == 3  # auto route, block Lanczos on M D and on J
-    assert re.search(r"steerjax sj\.generate\s+\d", out) and "HF generate (sdpa) + hook" in out
+    for dtype in ("float32", "bfloat16"):  # (c) compares in both weight dtypes
+        assert re.search(rf"{dtype} +steerjax sj\.generate\s+\d", out), out[-2000:]
+        assert re.search(rf"{dtype} +HF generate \(sdpa\) \+ hook\s+\d.*x$", out, re.M), out[-2000:]
     assert re.search(r"jax \d+\.\d GB/s, torch \d+\.\d GB/s", out)
