@@ -1,7 +1,7 @@
 """Memory and FLOP plan for large models on device meshes, computed from the models' configs and
 steerjax's sharding rules (steerjax/sharding.py). Prints the Markdown tables of docs/scaling.md.
 
-    python benchmarks/scaling_plan.py [--prompt-len 64] [--k 32] [--chunk 256]
+    python benchmarks/scaling_plan.py [--prompt-len 64] [--k 32] [--chunk 1024]
 
 Assumptions (stated in every table): dense peak throughput per chip (H100 SXM: 989 TFLOP/s bf16, 67 TFLOP/s
 float32 without TF32, 3.35 TB/s HBM; TPU v5e: 197 TFLOP/s bf16, 819 GB/s; TPU v4: 275 TFLOP/s bf16,
@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from steerjax.jacobian import TAIL_CHUNK  # noqa: E402
 from steerjax.models.config import ModelConfig  # noqa: E402
 
 
@@ -141,7 +142,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--k", type=int, default=32)
-    p.add_argument("--chunk", type=int, default=256, help="tangents per vmapped JVP chunk")
+    p.add_argument("--chunk", type=int, default=TAIL_CHUNK, help="tangents per vmapped JVP chunk (steerjax's default)")
     args = p.parse_args()
 
     print("### Model shapes\n")
