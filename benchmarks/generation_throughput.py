@@ -99,8 +99,9 @@ def run_generation(bench: BenchModel, batch_size: int, new_tokens: int, repeats:
     # against the rate this machine runs batch-row products over layer-shaped weights at (both libraries)
     stream = weight_stream_gbs(bench.lm.config, batch_size)
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(bench.lm.params))
-    print(f"  batch-{batch_size} products over layer-shaped float32 weights on this machine: jax {stream['jax']:.1f} GB/s, "
-          f"torch {stream['torch']:.1f} GB/s (each float32 decode step reads all {weight_bytes / 1e6:.0f} MB of weights)")
+    print(f"  batch-{batch_size} products over layer-shaped float32 weights on this machine: "
+          f"jax {stream['jax']:.1f} GB/s, torch {stream['torch']:.1f} GB/s "
+          f"(each float32 decode step reads all {weight_bytes / 1e6:.0f} MB of weights)")
     return {**out, "weight_stream_gbs": stream}
 
 

@@ -8,6 +8,7 @@ RMSNorm statistics, attention scores and softmax, and the logits stay in float32
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -122,8 +123,9 @@ class Attention(nnx.Module):
         scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(scores.dtype).min)
         probs = jax.nn.softmax(scores, axis=-1)  # kept in float32: probs @ v accumulates in float32
         splits = np.cumsum([part.shape[1] for part in values])[:-1]
-        out = sum(jnp.einsum("bkgts,bskh->btkgh", p, part.astype(acc), precision=HIGHEST)
-                  for p, part in zip(jnp.split(probs, splits, axis=-1), values)).astype(v.dtype)
+        out = functools.reduce(jnp.add, [jnp.einsum("bkgts,bskh->btkgh", p, part.astype(acc), precision=HIGHEST)
+                                         for p, part in zip(jnp.split(probs, splits, axis=-1), values)])
+        out = out.astype(v.dtype)
         return self.o_proj(out.reshape(B, T, self.num_heads * self.head_dim))
 
     def __call__(self, x, cos, sin, mask, kv_prefix=None):
