@@ -205,7 +205,6 @@ def test_bf16_layer_loop_never_upcasts_the_weight_stack(tiny_checkpoints):
     stacks = [x for x in jax.tree.leaves(lm.params["blocks"]) if x.ndim == 3]
     ours = causal_lm.jitted_forward(lm.config, False)
     plain = jax.jit(ours.__wrapped__)
-    assert jax.default_backend() != "cpu" or xla.compiler_options("cpu") == xla.CPU_COMPILER_OPTIONS
     assert _materialised_f32_stacks(ours.lower(*args).compile().as_text(), stacks) == []
     if jax.default_backend() == "cpu":  # the test would catch the upcast: plain jit shows it
         assert _materialised_f32_stacks(plain.lower(*args).compile().as_text(), stacks) != []
