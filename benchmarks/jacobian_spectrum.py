@@ -5,9 +5,10 @@
 
 J = d logits[last] / d h_l[last] for one prompt at layer l = L // 2 (float32 everywhere but the bf16 rows of (c)).
 (a) exact spectrum (all d singular values):
-    steerjax      JacobianOperator.factors(): d JVPs through the one-token tail against the cached prefix,
-                  D = d norm(h_L)/dh_l, then sigma(R D) with W_U = Q R (the QR is once per model; its time
-                  is printed separately and not counted per prompt), SVD of a d x d float64 matrix
+    steerjax      JacobianOperator.singular_values(): d JVPs through the one-token tail against the cached
+                  prefix, D = d norm(h_L)/dh_l, then sigma(R D) with W_U = Q R (the QR is once per model; its
+                  time is printed separately and not counted per prompt), SVD of a d x d float64 matrix (on
+                  one BLAS thread for d <= 768, steerjax.blas)
     torch full    torch.func.jacfwd of an HF eager model's tail blocks l..L-1 recomputed over the whole
                   sequence (explicit causal mask), final norm and lm_head at the last position, then
                   torch.linalg.svdvals of the V x d J; jacfwd (= vmap of jvp over the basis) runs in chunks
@@ -190,13 +191,13 @@ def main():
         print(f"\n(one-off per model) float64 thin QR of W_U ({V} x {d}): {t_qr:.2f} s")
 
         def ours():
-            return np.linalg.svd(sj.jacobian_operator(lm, ids, layer).factors()[0], compute_uv=False)
+            return sj.jacobian_operator(lm, ids, layer).singular_values()[0]
 
         flops = spectrum_flops(cfg, len(ids), layer)
         t_ours, s_ours = time_call(ours, args.repeats)
         t_tail, s_tail = time_call(torch_jacfwd_spectrum(lambda: torch_last_tail_fn(hf, ids, layer), d,
                                                          args.jacfwd_chunk), args.peer_repeats, warmup=0)
-        rows = [("steerjax factors() + SVD (d x d)", t_ours, flops["steerjax"]),
+        rows = [("steerjax singular_values() (d x d SVD)", t_ours, flops["steerjax"]),
                 ("torch jacfwd, last-position tail + svdvals", t_tail, flops["torch_jacfwd_tail"])]
         agree = {"torch tail": s_tail}
         if not args.skip_full:
@@ -210,7 +211,7 @@ def main():
             f"vs {name} {rel_to_max(s_ours, values):.1e}" for name, values in agree.items()))
         exact = s_ours
     else:
-        exact = np.linalg.svd(sj.jacobian_operator(lm, ids, layer).factors()[0], compute_uv=False)
+        exact = sj.jacobian_operator(lm, ids, layer).singular_values()[0]
 
     if "topk" in parts:
         k = args.k

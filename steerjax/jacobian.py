@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from steerjax import lanczos, xla
+from steerjax import blas, lanczos, xla
 from steerjax.errors import InputError, SteeringError
 from steerjax.models import causal_lm
 from steerjax.model import LanguageModel, TokenBatch, as_token_batch
@@ -261,7 +261,8 @@ class JacobianOperator:
 
     matvec(v (d,) or (B, d)) -> J_i v (B, V); rmatvec(u (B, V)) -> J_i^T u_i (B, d);
     gram_matvec(x (d,)) -> sum_i J_i^T J_i x (d,); dense() -> (B, V, d);
-    normed_tail_jacobian() -> D_i (B, d, d); factors() -> C_i (B, r, d) float64 with J_i^T J_i = C_i^T C_i.
+    normed_tail_jacobian() -> D_i (B, d, d); factors() -> C_i (B, r, d) float64 with J_i^T J_i = C_i^T C_i;
+    singular_values() -> (B, d) float64, the exact spectra.
     All prompt loops are vmapped."""
 
     lm: LanguageModel
@@ -374,7 +375,8 @@ class JacobianOperator:
         ||J^T u - s v|| from k VJPs (d + 2k products)."""
         one = jax.tree.map(lambda x: x[prompt:prompt + 1], self.ctx)
         d_mat = np.asarray(self._fns["normed_jacobian"](self.lm.params, one)[0], np.float64)
-        _, s64, vt = np.linalg.svd(self.observable_factor(prompt) @ d_mat, full_matrices=False)
+        with blas.dense_threads(self.lm.d):
+            _, s64, vt = np.linalg.svd(self.observable_factor(prompt) @ d_mat, full_matrices=False)
         s, v = jnp.asarray(s64[:k], self.lm.dtype), jnp.asarray(vt[:k].T, self.lm.dtype)
         u = self._left_vectors(ctx, s, v)
         back = self._fns["rmatvec_block"](self.lm.params, ctx, u.T)  # (k, d): J^T u_i
@@ -419,7 +421,15 @@ class JacobianOperator:
         """Exact float64 factors C_i = M_i D_i (B, r, d), r = d (logits) or d + 1 (logprobs):
         sigma(J_i) = sigma(C_i) and J_i^T J_i = C_i^T C_i."""
         d_mats = np.asarray(self.normed_tail_jacobian(), np.float64)
-        return np.matmul(self.observable_factors(), d_mats)  # BLAS (np.einsum here would loop in C)
+        with blas.dense_threads(self.lm.d):
+            return np.matmul(self.observable_factors(), d_mats)  # BLAS (np.einsum here would loop in C)
+
+    def singular_values(self) -> np.ndarray:
+        """Exact singular values (B, d) float64, descending, of every J_i: SVDs of `factors()`, under the
+        BLAS thread policy of `steerjax.blas` (one thread for d <= 768)."""
+        factors = self.factors()
+        with blas.dense_threads(self.lm.d):
+            return np.linalg.svd(factors, compute_uv=False)[..., :self.lm.d]
 
 
 def jacobian_operator(lm: LanguageModel, ids, layer: int, observable: str = "logits",

@@ -97,11 +97,15 @@ def test_float64_paths_agree(tiny64, layer, observable):
     assert rel_err(recompute, full) <= F64_TOL
     assert rel_err(fd, full) <= F64_TOL
     # QR route: sigma(J) from the small exact factor equals the dense SVD of J
-    factor = sj.jacobian_operator(lm, ids, layer, observable).factors()[0]
+    op = sj.jacobian_operator(lm, ids, layer, observable)
+    factor = op.factors()[0]
     assert factor.shape == ((64, 64) if observable == "logits" else (65, 64))
     s_factor = np.linalg.svd(factor, compute_uv=False)
     s_dense = np.linalg.svd(full, compute_uv=False)
     assert np.max(np.abs(s_factor - s_dense)) / s_dense[0] <= F64_TOL
+    s_op = op.singular_values()
+    assert s_op.shape == (1, 64) and s_op.dtype == np.float64
+    assert np.max(np.abs(s_op[0] - s_dense[:64])) / s_dense[0] <= F64_TOL
     np.testing.assert_allclose(factor.T @ factor, full.T @ full, rtol=0, atol=F64_TOL * s_dense[0] ** 2)
 
 
@@ -132,6 +136,10 @@ def test_batched_operators_match_dense(tiny64):
     assert rel_err(op.gram_matvec(x), gram @ x) <= F64_TOL
     stacked = np.concatenate(list(op.factors()))
     np.testing.assert_allclose(stacked.T @ stacked, gram, rtol=0, atol=F64_TOL * np.abs(gram).max())
+    s_rows = np.stack([np.linalg.svd(j, compute_uv=False)[:lm.d] for j in dense])
+    s_op = op.singular_values()
+    assert s_op.shape == (3, lm.d) and np.all(np.diff(s_op, axis=1) <= 0)
+    assert np.max(np.abs(s_op - s_rows)) <= F64_TOL * s_rows.max()
 
 
 def test_tail_trick_in_float32(tiny_checkpoints):
