@@ -7,7 +7,7 @@ NumPy 2.4, XLA CPU in jaxlib 0.10):
 - more threads slow down the next XLA program. OpenBLAS's worker threads spin for a while after each call,
   on the cores XLA wants. SmolLM2's 32-token prefix pass took 112 ms straight after a two-thread SVD and
   77 ms after a pause. Over consecutive exact spectra (`JacobianOperator.singular_values`) a call took
-  0.447 s with two threads and 0.415 s with one.
+  0.460 s with two threads and 0.421 s with one.
 
 Larger d keeps the library's thread count: there the SVD's parallel speed-up outweighs the spin. Set
 `SINGLE_THREAD_MAX_D = 0` to turn the policy off.

@@ -8,7 +8,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from steerjax import blas, spectrum
+from steerjax import spectrum
 from steerjax.jacobian import jacobian_operator
 from steerjax.model import LanguageModel, TokenBatch
 
@@ -77,9 +77,7 @@ def analyze_layer_exact(lm: LanguageModel, batch: TokenBatch, layer: int, observ
     op = jacobian_operator(lm, batch, layer, observable, positions)
     factors = op.factors()
     n, d = factors.shape[0], lm.d
-    with blas.dense_threads(d):
-        per_prompt = np.linalg.svd(factors, compute_uv=False)
-    entry = {"layer": layer, "per_prompt": [spectrum_entry(s, d) for s in per_prompt]}
+    entry = {"layer": layer, "per_prompt": [spectrum_entry(s, d) for s in spectrum.factor_singular_values(factors)]}
     stacked = spectrum.stacked_spectra(factors, stacking_schedule(n))
     entry["stacked"] = [{"n_prompts": k, **spectrum_entry(s, d)} for k, s, _ in stacked]
     if n >= 2:

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from steerjax import blas, lanczos, xla
+from steerjax import blas, lanczos, spectrum, xla
 from steerjax.errors import InputError, SteeringError
 from steerjax.models import causal_lm
 from steerjax.model import LanguageModel, TokenBatch, as_token_batch
@@ -427,9 +427,7 @@ class JacobianOperator:
     def singular_values(self) -> np.ndarray:
         """Exact singular values (B, d) float64, descending, of every J_i: SVDs of `factors()`, under the
         BLAS thread policy of `steerjax.blas` (one thread for d <= 768)."""
-        factors = self.factors()
-        with blas.dense_threads(self.lm.d):
-            return np.linalg.svd(factors, compute_uv=False)[..., :self.lm.d]
+        return spectrum.factor_singular_values(self.factors())
 
 
 def jacobian_operator(lm: LanguageModel, ids, layer: int, observable: str = "logits",

@@ -11,6 +11,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from steerjax import blas
+
 RANK_EPS = (1e-2, 1e-3, 1e-4, 1e-6)
 
 
@@ -18,6 +20,14 @@ def padded_singular_values(s, d: int) -> np.ndarray:
     """s sorted descending and padded with zeros to length d (an n x d matrix with n < d)."""
     s = np.sort(np.asarray(s, np.float64))[::-1][:d]
     return np.concatenate([s, np.zeros(d - s.size)])
+
+
+def factor_singular_values(factors) -> np.ndarray:
+    """Singular values (B, min(r, d)) float64, descending, of exact factors (B, r, d) (e.g.
+    `JacobianOperator.factors()`), under the BLAS thread policy of `steerjax.blas`."""
+    factors = np.asarray(factors, np.float64)
+    with blas.dense_threads(factors.shape[-1]):
+        return np.linalg.svd(factors, compute_uv=False)
 
 
 def numerical_rank(s, eps: float) -> int:
