@@ -17,6 +17,7 @@ the published CPU numbers use --threads 1 for both libraries.
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import shutil
 import statistics
@@ -43,6 +44,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from steerjax import cpu_kernels  # noqa: E402
 
 import steerjax as sj  # noqa: E402
 from steerjax.models.loading import default_model_path  # noqa: E402
@@ -164,7 +167,28 @@ def weight_stream_gbs(config, batch: int, layers: int = 8, repeats: int = 10) ->
 
     t_jax, _ = time_call(lambda: scan(j_ws, j_h), repeats)
     t_torch, _ = time_call(torch_loop, repeats)
-    return {"jax": nbytes / t_jax / 1e9, "torch": nbytes / t_torch / 1e9}
+    rates = {"jax": nbytes / t_jax / 1e9, "torch": nbytes / t_torch / 1e9}
+    if cpu_kernels.available():  # the same loop over panel-packed weights in steerjax's CPU decode kernel
+        panels = tuple(cpu_kernels.pack_panels(jnp.asarray(w)) for w in (up[:, 0].transpose(0, 2, 1),
+                                                                          up[:, 1].transpose(0, 2, 1),
+                                                                          down.transpose(0, 2, 1)))
+
+        def kernel_layer(x, layer):
+            gate, up_, dn = (functools.partial(cpu_kernels.panel_matmul, panels=p, layer=layer) for p in panels)
+            return dn(jnp.tanh(gate(x)) * up_(x)), None
+
+        kernel_scan = jax.jit(lambda x: jax.lax.scan(kernel_layer, x, jnp.arange(layers))[0])
+        t_kernel, _ = time_call(lambda: kernel_scan(j_h), repeats)
+        rates["steerjax kernel"] = nbytes / t_kernel / 1e9
+    return rates
+
+
+def memory_read_gbs(n_bytes: int = 400_000_000, repeats: int = 5) -> float:
+    """GB/s of one jitted float32 sum over n_bytes (all cores): the memory read rate weights can stream at."""
+    x = jnp.ones((n_bytes // 4,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    seconds, _ = time_call(lambda: total(x), repeats)
+    return n_bytes / seconds / 1e9
 
 
 # ----------------------------------------------------------------------------- analytic FLOP counts

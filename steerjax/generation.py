@@ -11,13 +11,15 @@ alpha, keys, temperature, top_p): jax.vmap it over alphas or vectors.
 from __future__ import annotations
 
 import functools
+import os
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from steerjax import xla
+from steerjax import cpu_kernels, xla
 from steerjax.errors import InputError
 from steerjax.model import LanguageModel, as_token_batch
 from steerjax.models import causal_lm
@@ -68,9 +70,40 @@ def sample_token(logits, key, temperature, top_p):
                         logits, key, jnp.maximum(temperature, 1e-6), top_p)
 
 
-def decode_step(config: ModelConfig, params, token, slot, position, cache_k, cache_v, key_mask, steer_layer, delta):
+def pack_linear_kernels(tree) -> dict:
+    """{"self_attn": {"q_proj": panels, ...}, "mlp": {...}}: every stacked Linear kernel (L, K, N) of a
+    block tree that the CPU decode kernel supports, packed to (L, P, K, PANEL) panels."""
+    packed = {}
+    for name, sub in tree.items():
+        if not isinstance(sub, Mapping):
+            continue
+        if "kernel" in sub:
+            if cpu_kernels.supports(sub["kernel"]):
+                packed[name] = cpu_kernels.pack_panels(sub["kernel"])
+        elif inner := pack_linear_kernels(sub):
+            packed[name] = inner
+    return packed
+
+
+def pack_decode_weights(params) -> dict:
+    """Panels for the CPU decode kernels: {"blocks": pack_linear_kernels(blocks), "unembed": (1, P, d, PANEL)
+    panels of W_U.T, or None when unsupported}."""
+    w_u = causal_lm.unembedding(params)
+    unembed = cpu_kernels.pack_rows(w_u) if cpu_kernels.supports(w_u.T) else None
+    return {"blocks": pack_linear_kernels(params["blocks"]), "unembed": unembed}
+
+
+def layer_matmuls(block_panels: dict, index) -> dict:
+    """The `matmuls` tree of DecoderBlock.decode for layer `index` (traced int) over packed panels."""
+    return jax.tree.map(lambda panels: functools.partial(cpu_kernels.panel_matmul, panels=panels, layer=index),
+                        block_panels)
+
+
+def decode_step(config: ModelConfig, params, token, slot, position, cache_k, cache_v, key_mask, steer_layer, delta,
+                panels=None):
     """Run token (B,) at cache slot `slot` with RoPE position (B,); caches (L, B, S, K, h); key_mask (B, S);
-    delta (B, d) steers h_steer_layer. Returns logits (B, V) and the updated caches."""
+    delta (B, d) steers h_steer_layer; panels: optional `pack_decode_weights(params)`, whose products then
+    run in the CPU decode kernel. Returns logits (B, V) and the updated caches."""
     dtype = causal_lm.param_dtype(params)
     inv_freq = jnp.asarray(rope_inv_freq(config), jnp.promote_types(dtype, jnp.float32))
     cos, sin = rope_cos_sin(inv_freq, position[:, None], dtype)
@@ -81,20 +114,25 @@ def decode_step(config: ModelConfig, params, token, slot, position, cache_k, cac
     def layer(h, xs):
         block_params, ck, cv, index = xs
         h = h + causal_lm.steer_at(index, steer_layer, delta)
-        h, (ck, cv) = causal_lm.merged_block(config, block_params).decode(h, cos, sin, mask, ck, cv, slot)
+        matmuls = None if panels is None else layer_matmuls(panels["blocks"], index)
+        h, (ck, cv) = causal_lm.merged_block(config, block_params).decode(h, cos, sin, mask, ck, cv, slot, matmuls)
         return h, (ck, cv)
 
     h, (cache_k, cache_v) = jax.lax.scan(layer, h, (params["blocks"], cache_k, cache_v,
                                                     jnp.arange(config.num_layers)))
     h = h + causal_lm.steer_at(config.num_layers, steer_layer, delta)
-    return causal_lm.logits_from_final_hidden(config, params, h[:, 0]), cache_k, cache_v
+    unembed = None if panels is None or panels["unembed"] is None else functools.partial(
+        cpu_kernels.panel_matmul, panels=panels["unembed"], layer=0)
+    return causal_lm.logits_from_final_hidden(config, params, h[:, 0], unembed), cache_k, cache_v
 
 
 def generate_pure(config: ModelConfig, params, ids, attention_mask, steer_layer, vector, alpha, keys,
-                  temperature, top_p, *, max_new_tokens: int, mode: str, eos_ids: tuple[int, ...] = (),
+                  temperature, top_p, panels=None, *, max_new_tokens: int, mode: str, eos_ids: tuple[int, ...] = (),
                   pad_id: int = 0, return_logits: bool = False):
     """Pure batched generation. ids, attention_mask (B, T); vector (d,); alpha, temperature, top_p scalars;
-    steer_layer int (-1: none); keys (B, 2) PRNG keys. Returns (tokens (B, T+N), mask (B, T+N), logits)."""
+    steer_layer int (-1: none); keys (B, 2) PRNG keys; panels: optional `pack_decode_weights(params)`, which
+    runs the decode steps' weight products in the CPU kernels (steerjax.cpu_kernels; the caller checks they
+    are available). Returns (tokens (B, T+N), mask (B, T+N), logits)."""
     B, T = ids.shape
     S = T + max_new_tokens
     full_mask = jnp.concatenate([attention_mask, jnp.ones((B, max_new_tokens), attention_mask.dtype)], axis=1)
@@ -117,7 +155,7 @@ def generate_pure(config: ModelConfig, params, ids, attention_mask, steer_layer,
         slot = T + i
         key_mask = full_mask.astype(bool) & (jnp.arange(S)[None, :] <= slot)
         next_logits, cache_k, cache_v = decode_step(config, params, token, slot, n_real + i, cache_k, cache_v,
-                                                    key_mask, steer_layer, deltas[:, slot])
+                                                    key_mask, steer_layer, deltas[:, slot], panels)
         return (next_logits, cache_k, cache_v, finished), (token, logits if return_logits else None)
 
     init = (last_logits, cache_k, cache_v, jnp.zeros(B, bool))
@@ -131,6 +169,48 @@ def jitted_generate(config: ModelConfig, max_new_tokens: int, mode: str, eos_ids
                     return_logits: bool):
     return xla.jit(functools.partial(generate_pure, config, max_new_tokens=max_new_tokens, mode=mode,
                                      eos_ids=eos_ids, pad_id=pad_id, return_logits=return_logits))
+
+
+def decode_panels(lm: LanguageModel) -> dict:
+    """lm's weights packed for the CPU decode kernels (`pack_decode_weights`), computed once per model and
+    kept in lm.cache: one more copy of the linear and unembedding weights for the model's lifetime, so that
+    no `generate` call repacks them (a jitted repack of SmolLM2 took 0.5 s, a third of an 8 x 32 call)."""
+    if "decode_panels" not in lm.cache:
+        lm.cache["decode_panels"] = jax.block_until_ready(xla.jit(pack_decode_weights)(lm.params))
+    return lm.cache["decode_panels"]
+
+
+PANEL_MEMORY_FRACTION = 0.25  # largest share of physical memory the packed copy may take by default
+
+
+def panel_bytes(params) -> int:
+    """Bytes of the packed copy `pack_decode_weights` makes (the Linear kernels and W_U it supports)."""
+    shapes = jax.eval_shape(pack_decode_weights, params)
+    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(shapes))
+
+
+def physical_memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def decode_kernels_apply(lm: LanguageModel) -> bool:
+    """Whether `generate` runs lm's decode products in the CPU kernels by default: unsharded float32 /
+    bfloat16 weights on the CPU backend, their packed copy within PANEL_MEMORY_FRACTION of physical memory,
+    and the kernels built (steerjax.cpu_kernels.available())."""
+    if not decode_kernels_possible(lm):
+        return False
+    memory = physical_memory_bytes()
+    fits = "decode_panels" in lm.cache or memory is None or panel_bytes(lm.params) <= PANEL_MEMORY_FRACTION * memory
+    return fits and cpu_kernels.available()
+
+
+def decode_kernels_possible(lm: LanguageModel) -> bool:
+    """Unsharded float32 / bfloat16 weights on the CPU backend (what the kernels can run, memory aside)."""
+    on_cpu = all(device.platform == "cpu" for device in lm.params["embed"].devices())
+    return lm.mesh is None and on_cpu and lm.dtype.name in cpu_kernels.TARGETS
 
 
 def row_keys(seed: int, batch: int):
@@ -154,9 +234,13 @@ def eos_tuple(config: ModelConfig) -> tuple[int, ...]:
 
 def generate(lm: LanguageModel, ids, steer: Steer | None = None, max_new_tokens: int = 40,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, attention_mask=None,
-             stop_at_eos: bool = True, return_logits: bool = False) -> GenerationOutput:
+             stop_at_eos: bool = True, return_logits: bool = False,
+             decode_kernels: bool | None = None) -> GenerationOutput:
     """Generate max_new_tokens per row (temperature 0 = greedy) with optional steering.
-    ids: TokenBatch, (T,), (B, T) or ragged lists (left-padded)."""
+    ids: TokenBatch, (T,), (B, T) or ragged lists (left-padded).
+    decode_kernels: run decode steps' weight products in steerjax's CPU kernels over a packed copy of the
+    weights kept in lm.cache (None: wherever `decode_kernels_apply(lm)`; True: also past the memory share;
+    False: XLA's dot everywhere)."""
     _check_sampling(max_new_tokens, temperature, top_p)
     batch = as_token_batch(ids, attention_mask)
     lm.check_ids(batch)
@@ -169,11 +253,17 @@ def generate(lm: LanguageModel, ids, steer: Steer | None = None, max_new_tokens:
     else:
         steer.check_for(lm.config)
         layer, vector, alpha, mode = steer.layer, steer.vector, steer.alpha, steer.positions
+    use_kernels = decode_kernels_apply(lm) if decode_kernels is None else bool(decode_kernels)
+    if decode_kernels and not (decode_kernels_possible(lm) and cpu_kernels.available()):
+        raise InputError("decode_kernels=True needs an unsharded float32 / bfloat16 model on the CPU backend and "
+                         f"built kernels (model: {lm.dtype.name}, sharded: {lm.mesh is not None}, kernels: "
+                         f"{cpu_kernels.unavailable_reason() or 'built'})")
     fn = jitted_generate(lm.config, int(max_new_tokens), mode, eos_tuple(lm.config) if stop_at_eos else (),
                          lm.pad_id, bool(return_logits))
+    panels = decode_panels(lm) if use_kernels else None
     tokens, mask, logits = fn(lm.params, lm.to_device(batch.ids), lm.to_device(batch.attention_mask), jnp.int32(layer),
                               jnp.asarray(vector, lm.dtype), jnp.asarray(alpha, lm.dtype),
-                              lm.to_device(row_keys(seed, B)), jnp.float32(temperature), jnp.float32(top_p))
+                              lm.to_device(row_keys(seed, B)), jnp.float32(temperature), jnp.float32(top_p), panels)
     return GenerationOutput(np.asarray(tokens), np.asarray(mask), T, logits)
 
 

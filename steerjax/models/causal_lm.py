@@ -59,9 +59,12 @@ def unembedding(params) -> jax.Array:
     return params.get("lm_head", params["embed"])
 
 
-def logits_from_final_hidden(config: ModelConfig, params, h_last):
-    """Logits (..., V) from the final-norm input h_L (..., d); computed in at least float32."""
+def logits_from_final_hidden(config: ModelConfig, params, h_last, unembed_matmul=None):
+    """Logits (..., V) from the final-norm input h_L (..., d); computed in at least float32.
+    unembed_matmul: optional x -> x @ W_U.T computed elsewhere (a CPU decode kernel, float32 out)."""
     normed = final_norm(config, params, h_last)
+    if unembed_matmul is not None:
+        return unembed_matmul(normed)
     w = unembedding(params)
     out_dtype = jnp.promote_types(normed.dtype, jnp.float32)
     return jnp.einsum("...d,vd->...v", normed, w, precision=HIGHEST, preferred_element_type=out_dtype)

@@ -82,6 +82,17 @@ class Linear(nnx.Linear):
         return super().__call__(x).astype(self.dtype)
 
 
+def project(linear: Linear, x: jax.Array, matmul=None) -> jax.Array:
+    """linear(x); or, given `matmul` (x -> x @ this layer's kernel in float32, computed elsewhere, e.g. by a
+    CPU decode kernel over packed weights), that product plus the bias, rounded once like Linear."""
+    if matmul is None:
+        return linear(x)
+    y = matmul(x)
+    if linear.bias is not None:
+        y = y + linear.bias[...].astype(y.dtype)
+    return y.astype(linear.dtype)
+
+
 def _linear(fan_in: int, fan_out: int, bias: bool, dtype, rngs: nnx.Rngs) -> Linear:
     return Linear(fan_in, fan_out, use_bias=bias, dtype=dtype, param_dtype=dtype, precision=HIGHEST,
                   preferred_element_type=accumulation_dtype(dtype), rngs=rngs)
@@ -98,15 +109,17 @@ class Attention(nnx.Module):
         self.v_proj = _linear(d, config.num_kv_heads * h, config.qkv_bias, dtype, rngs)
         self.o_proj = _linear(config.num_heads * h, d, config.o_bias, dtype, rngs)
 
-    def project_qkv(self, x, cos, sin):
-        """Rotated queries (B, T, H, h) and keys, values (B, T, K, h) of x (B, T, d)."""
+    def project_qkv(self, x, cos, sin, matmuls=None):
+        """Rotated queries (B, T, H, h) and keys, values (B, T, K, h) of x (B, T, d).
+        matmuls: optional {"q_proj": fn, ...} replacing the weight products (see `project`)."""
         B, T, _ = x.shape
-        q = apply_rope(self.q_proj(x).reshape(B, T, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(self.k_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim), cos, sin)
-        v = self.v_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
-        return q, k, v
+        matmuls = matmuls or {}
+        q = project(self.q_proj, x, matmuls.get("q_proj")).reshape(B, T, self.num_heads, self.head_dim)
+        k = project(self.k_proj, x, matmuls.get("k_proj")).reshape(B, T, self.num_kv_heads, self.head_dim)
+        v = project(self.v_proj, x, matmuls.get("v_proj")).reshape(B, T, self.num_kv_heads, self.head_dim)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def attend(self, q, k, v, mask, kv_prefix=None):
+    def attend(self, q, k, v, mask, kv_prefix=None, o_matmul=None):
         """Softmax attention of q (B, T, H, h) over k, v (B, S, K, h) with mask (B, T, S) -> (B, T, d).
         With kv_prefix (k_p, v_p), each (B, S - T, K, h), k and v hold only this call's T positions and the
         keys are [k_p; k]: the prefix enters the products directly instead of through a concatenation, so
@@ -126,7 +139,7 @@ class Attention(nnx.Module):
         out = functools.reduce(jnp.add, [jnp.einsum("bkgts,bskh->btkgh", p, part.astype(acc), precision=HIGHEST)
                                          for p, part in zip(jnp.split(probs, splits, axis=-1), values)])
         out = out.astype(v.dtype)
-        return self.o_proj(out.reshape(B, T, self.num_heads * self.head_dim))
+        return project(self.o_proj, out.reshape(B, T, self.num_heads * self.head_dim), o_matmul)
 
     def __call__(self, x, cos, sin, mask, kv_prefix=None):
         """x (B, T, d); cos/sin (B, T, h); mask (B, T, S) bool, True = may attend;
@@ -139,13 +152,15 @@ class Attention(nnx.Module):
             v = jnp.concatenate([kv_prefix[1], v], axis=1)
         return out, (k, v)
 
-    def decode(self, x, cos, sin, mask, cache_k, cache_v, slot):
+    def decode(self, x, cos, sin, mask, cache_k, cache_v, slot, matmuls=None):
         """One KV-cache step: x (B, 1, d) is written to cache slot `slot` (traced int) of the
-        preallocated caches (B, S, K, h), then attends over the cache with mask (B, 1, S)."""
-        q, k, v = self.project_qkv(x, cos, sin)
+        preallocated caches (B, S, K, h), then attends over the cache with mask (B, 1, S).
+        matmuls: optional {"q_proj": fn, ..., "o_proj": fn} replacing the weight products."""
+        q, k, v = self.project_qkv(x, cos, sin, matmuls)
         cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, slot, 0, 0))
         cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, slot, 0, 0))
-        return self.attend(q, cache_k, cache_v, mask), (cache_k, cache_v)
+        o_matmul = (matmuls or {}).get("o_proj")
+        return self.attend(q, cache_k, cache_v, mask, o_matmul=o_matmul), (cache_k, cache_v)
 
 
 class MLP(nnx.Module):
@@ -157,8 +172,12 @@ class MLP(nnx.Module):
         self.up_proj = _linear(d, f, b, dtype, rngs)
         self.down_proj = _linear(f, d, b, dtype, rngs)
 
-    def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    def __call__(self, x, matmuls=None):
+        """x (B, T, d) -> (B, T, d); matmuls: optional {"gate_proj": fn, ...} (see `project`)."""
+        matmuls = matmuls or {}
+        gate = project(self.gate_proj, x, matmuls.get("gate_proj"))
+        up = project(self.up_proj, x, matmuls.get("up_proj"))
+        return project(self.down_proj, jax.nn.silu(gate) * up, matmuls.get("down_proj"))
 
 
 class DecoderBlock(nnx.Module):
@@ -176,10 +195,13 @@ class DecoderBlock(nnx.Module):
         attn_out, kv = self.self_attn(self.input_layernorm(h), cos, sin, mask, kv_prefix)
         return self.residual_mlp(h + attn_out), kv
 
-    def decode(self, h, cos, sin, mask, cache_k, cache_v, slot):
-        """One KV-cache step for h (B, 1, d); see Attention.decode. -> (h_next, (cache_k, cache_v))."""
-        attn_out, caches = self.self_attn.decode(self.input_layernorm(h), cos, sin, mask, cache_k, cache_v, slot)
-        return self.residual_mlp(h + attn_out), caches
+    def decode(self, h, cos, sin, mask, cache_k, cache_v, slot, matmuls=None):
+        """One KV-cache step for h (B, 1, d); see Attention.decode. -> (h_next, (cache_k, cache_v)).
+        matmuls: optional {"self_attn": {...}, "mlp": {...}} of weight products (see `project`)."""
+        matmuls = matmuls or {}
+        attn_out, caches = self.self_attn.decode(self.input_layernorm(h), cos, sin, mask, cache_k, cache_v, slot,
+                                                 matmuls.get("self_attn"))
+        return self.residual_mlp(h + attn_out, matmuls.get("mlp")), caches
 
-    def residual_mlp(self, h):
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def residual_mlp(self, h, matmuls=None):
+        return h + self.mlp(self.post_attention_layernorm(h), matmuls)
