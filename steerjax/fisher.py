@@ -313,7 +313,22 @@ def minimise(loss: Callable, v0, data=None, aux=None, optimizer=None, steps: int
     if v0.ndim != 2:
         raise InputError(f"v0 must be (restarts, d), got shape {v0.shape}")
     run = _runner(loss, _default_optimizer() if optimizer is None else optimizer, int(steps), data is not None)
-    return FitResult(*run(v0, data, aux, jnp.asarray(gtol, v0.dtype)))
+    with x64_matching(v0.dtype):
+        return FitResult(*run(v0, data, aux, jnp.asarray(gtol, v0.dtype)))
+
+
+def x64_matching(dtype):
+    """A context tracing a float32 fit with jax_enable_x64 off when a float64 model turned it on earlier in
+    the process: optax's backtracking line search transposes the loss's linearisation with the cotangent
+    1.0, a float64 under x64, and jax rejects it for a float32 loss (TypeError "cotangent type does not
+    match function output")."""
+    import contextlib
+
+    import jax
+
+    if jax.config.jax_enable_x64 and np.dtype(dtype) != np.float64:
+        return jax.enable_x64(False)
+    return contextlib.nullcontext()
 
 
 @functools.lru_cache(maxsize=1)

@@ -149,6 +149,22 @@ def test_map_null_component_is_the_prior_mean():
     np.testing.assert_allclose(flat, fisher.least_squares(J, obs[:10], 1e-8), atol=1e-9)
 
 
+def test_float32_fit_with_backtracking_lbfgs_after_x64_was_enabled():
+    """A float64 model load turns jax_enable_x64 on for the whole process; a later float32 fit with optax's
+    backtracking line search (experiments/recovery.py's L-BFGS) must still trace and converge."""
+    rng, J, _, obs, sigma = gaussian_setup(n=1)
+    y, A = jnp.asarray(obs[0], jnp.float32), jnp.asarray(J, jnp.float32)
+    loss = lambda v, data, aux: 0.5 * jnp.sum((aux @ v - y) ** 2) / sigma**2  # noqa: E731
+    lbfgs = optax.lbfgs(linesearch=optax.scale_by_backtracking_linesearch(max_backtracking_steps=30,
+                                                                          store_grad=True))
+    starts = jnp.asarray(rng.normal(size=(2, 8)), jnp.float32)
+    with jax.enable_x64(True):
+        res = fisher.minimise(loss, starts, aux=A, optimizer=lbfgs, steps=200)
+    assert res.v.dtype == jnp.float32
+    ls = fisher.least_squares(J, obs[0], 1e-8)
+    np.testing.assert_allclose(np.asarray(res.v) @ J.T, np.tile(ls @ J.T, (2, 1)), rtol=1e-3, atol=1e-3)
+
+
 @pytest.mark.parametrize("name,optimizer,keeps_null", [
     ("lbfgs", None, True),
     ("sgd_momentum", optax.sgd(1e-3, momentum=0.9), True),  # lr < 2 / lambda_max(J^T J / sigma^2) = 1.8e-3
