@@ -11,6 +11,7 @@ import torch
 
 import steerjax as sj
 from conftest import build_hf_model, rel_err
+from steerjax import generation
 from steerjax.generation import generate_pure, row_keys, sample_token
 from steerjax.steering import position_mask
 
@@ -95,8 +96,11 @@ def test_steered_generation_matches_hf_hook_on_smollm2(smollm2, smollm2_hf):
     assert all(isinstance(t, str) for t in sj.generated_texts(smollm2, ours))
 
 
-def test_vmap_over_alphas_equals_separate_calls(tiny_no_eos):
+@pytest.mark.parametrize("kernels", [False, True], ids=["xla-dot", "cpu-decode-kernels"])
+def test_vmap_over_alphas_equals_separate_calls(tiny_no_eos, kernels):
+    """Also with the CPU decode kernels' panels passed in: the kernel call vmaps over the alphas' rows."""
     lm, _ = tiny_no_eos
+    panels = generation.decode_panels(lm) if kernels else None
     ids = np.random.default_rng(3).integers(1, 150, size=(2, 5)).astype(np.int32)
     mask = np.ones_like(ids)
     v = np.random.default_rng(4).normal(size=lm.d).astype(np.float32)
@@ -104,12 +108,13 @@ def test_vmap_over_alphas_equals_separate_calls(tiny_no_eos):
 
     def run(alpha):
         tokens, _, _ = generate_pure(lm.config, lm.params, ids, mask, 2, jnp.asarray(v), alpha, row_keys(0, 2),
-                                     0.0, 1.0, max_new_tokens=5, mode="all")
+                                     0.0, 1.0, panels, max_new_tokens=5, mode="all")
         return tokens
 
     batched = jax.jit(jax.vmap(run))(alphas)
     for k, alpha in enumerate(alphas):
-        single = sj.generate(lm, ids, steer=sj.Steer(2, v, float(alpha), "all"), max_new_tokens=5)
+        single = sj.generate(lm, ids, steer=sj.Steer(2, v, float(alpha), "all"), max_new_tokens=5,
+                             decode_kernels=kernels)
         np.testing.assert_array_equal(batched[k], single.tokens)
 
 
