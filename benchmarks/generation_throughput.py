@@ -50,7 +50,7 @@ def one_off_packing_seconds(lm) -> float | None:
     of any timed call), or None where `generate` does not use the kernels."""
     if not generation.decode_kernels_apply(lm):
         return None
-    lm.cache.pop("decode_panels", None)
+    generation.drop_decode_panels(lm)
     start = time.perf_counter()
     generation.decode_panels(lm)
     return time.perf_counter() - start

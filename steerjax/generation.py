@@ -171,13 +171,31 @@ def jitted_generate(config: ModelConfig, max_new_tokens: int, mode: str, eos_ids
                                      eos_ids=eos_ids, pad_id=pad_id, return_logits=return_logits))
 
 
+def decode_panels_key(lm: LanguageModel) -> tuple:
+    """lm.cache key of the packed weights: the identities of lm.params' leaves (new weights, new panels)."""
+    return ("decode_panels", tuple(id(leaf) for leaf in jax.tree.leaves(lm.params)))
+
+
+def has_decode_panels(lm: LanguageModel) -> bool:
+    return decode_panels_key(lm) in lm.cache
+
+
+def drop_decode_panels(lm: LanguageModel) -> None:
+    """Free every packed copy held in lm.cache (the next kernel `generate` packs again)."""
+    for key in [k for k in lm.cache if isinstance(k, tuple) and k[:1] == ("decode_panels",)]:
+        del lm.cache[key]
+
+
 def decode_panels(lm: LanguageModel) -> dict:
-    """lm's weights packed for the CPU decode kernels (`pack_decode_weights`), computed once per model and
-    kept in lm.cache: one more copy of the linear and unembedding weights for the model's lifetime, so that
-    no `generate` call repacks them (a jitted repack of SmolLM2 took 0.5 s, a third of an 8 x 32 call)."""
-    if "decode_panels" not in lm.cache:
-        lm.cache["decode_panels"] = jax.block_until_ready(xla.jit(pack_decode_weights)(lm.params))
-    return lm.cache["decode_panels"]
+    """lm's weights packed for the CPU decode kernels (`pack_decode_weights`), computed once per set of
+    weights and kept in lm.cache: one more copy of the linear and unembedding weights while lm.params stays
+    the same, so that no `generate` call repacks them (a jitted repack of SmolLM2 took 0.5 s, a third of
+    an 8 x 32 call). Assigning new weights to lm.params drops the old copy at the next call."""
+    key = decode_panels_key(lm)
+    if key not in lm.cache:
+        drop_decode_panels(lm)
+        lm.cache[key] = jax.block_until_ready(xla.jit(pack_decode_weights)(lm.params))
+    return lm.cache[key]
 
 
 PANEL_MEMORY_FRACTION = 0.25  # largest share of physical memory the packed copy may take by default
@@ -203,7 +221,7 @@ def decode_kernels_apply(lm: LanguageModel) -> bool:
     if not decode_kernels_possible(lm):
         return False
     memory = physical_memory_bytes()
-    fits = "decode_panels" in lm.cache or memory is None or panel_bytes(lm.params) <= PANEL_MEMORY_FRACTION * memory
+    fits = has_decode_panels(lm) or memory is None or panel_bytes(lm.params) <= PANEL_MEMORY_FRACTION * memory
     return fits and cpu_kernels.available()
 
 

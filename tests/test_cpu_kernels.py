@@ -96,6 +96,12 @@ def test_panel_matmul_under_vmap_and_leading_axes():
     np.testing.assert_array_equal(np.asarray(mapped), np.asarray(direct))
 
 
+def test_panel_matmul_empty_operands():
+    """K = 0 gives zeros (empty sums), M = 0 an empty result."""
+    assert np.all(np.asarray(cpu_kernels.panel_matmul(jnp.ones((2, 0)), jnp.ones((1, 3, 0, 8)), 0)) == 0)
+    assert cpu_kernels.panel_matmul(jnp.ones((0, 4)), jnp.ones((1, 1, 4, 8)), 0).shape == (0, 8)
+
+
 def test_panel_matmul_bad_input():
     panels = cpu_kernels.pack_panels(jnp.ones((2, 16, 8)))
     with pytest.raises(ValueError, match="width 12, the panels expect K = 16"):
@@ -202,7 +208,7 @@ def test_generation_with_kernels_equals_xla_dot(tiny_model_folder, dtype):
             if differ.size:  # the two choices were a near-tie under both paths' logits
                 step, a, b = differ[0], fast.tokens[row, T + differ[0]], plain.tokens[row, T + differ[0]]
                 assert abs(plain_logits[row, step, a] - plain_logits[row, step, b]) <= 3e-2 * scale
-    assert "decode_panels" in lm.cache
+    assert generation.has_decode_panels(lm)
 
 
 def test_memory_share_policy(tiny_folder, monkeypatch):
@@ -213,9 +219,25 @@ def test_memory_share_policy(tiny_folder, monkeypatch):
     monkeypatch.setattr(generation, "PANEL_MEMORY_FRACTION", 1e-12)
     assert not generation.decode_kernels_apply(lm)
     sj.generate(lm, [[1, 2, 3]], max_new_tokens=2)
-    assert "decode_panels" not in lm.cache
+    assert not generation.has_decode_panels(lm)
     sj.generate(lm, [[1, 2, 3]], max_new_tokens=2, decode_kernels=True)
-    assert "decode_panels" in lm.cache and generation.decode_kernels_apply(lm)
+    assert generation.has_decode_panels(lm) and generation.decode_kernels_apply(lm)
+
+
+def test_new_weights_get_new_panels(tiny_folder):
+    """Assigning new weights to lm.params repacks at the next call and frees the old copy; tokens follow
+    the new weights exactly as the XLA path does."""
+    lm = sj.load_model(tiny_folder)
+    ids = [[5, 9, 2, 7]]
+    sj.generate(lm, ids, max_new_tokens=4)
+    old = generation.decode_panels(lm)
+    lm.params = jax.tree.map(lambda x: -x if x.ndim == 3 else x, lm.params)  # flip every stacked kernel
+    fresh = sj.generate(lm, ids, max_new_tokens=4, return_logits=True)
+    plain = sj.generate(lm, ids, max_new_tokens=4, return_logits=True, decode_kernels=False)
+    np.testing.assert_array_equal(fresh.tokens, plain.tokens)
+    np.testing.assert_allclose(np.asarray(fresh.logits), np.asarray(plain.logits), rtol=1e-5, atol=1e-5)
+    assert generation.decode_panels(lm) is not old
+    assert sum(isinstance(k, tuple) and k[0] == "decode_panels" for k in lm.cache) == 1
 
 
 def test_kernels_refused_for_float64_and_sharded_models(tiny_folder):

@@ -117,6 +117,10 @@ ffi::Error panel_matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
     return ffi::Error::InvalidArgument("panel_matmul: the layer index must be one integer (no vmap over it)");
   const auto xd = x.dimensions();
   if (xd.size() < 1 || xd.back() != K) return ffi::Error::InvalidArgument("panel_matmul: x (..., K) does not match K");
+  if (K == 0) {  // empty sums
+    std::memset(y->untyped_data(), 0, y->element_count() * sizeof(float));
+    return ffi::Error::Success();
+  }
   const int64_t M = x.element_count() / K;
   if (y->element_count() != M * N) return ffi::Error::InvalidArgument("panel_matmul: output is not (..., N)");
   const int32_t l = layer.typed_data()[0];
