@@ -136,14 +136,6 @@ def pack_panels(w: jax.Array) -> jax.Array:
     return jnp.transpose(w.reshape(L, K, N // PANEL, PANEL), (0, 2, 1, 3))
 
 
-def pack_rows(w: jax.Array) -> jax.Array:
-    """(N, K) weights used as x @ w.T (an unembedding) -> (1, P, K, PANEL) panels of w.T."""
-    N, K = w.shape
-    if N % PANEL:
-        raise ValueError(f"pack_rows: N = {N} is not a multiple of {PANEL}")
-    return jnp.transpose(w.reshape(N // PANEL, PANEL, K), (0, 2, 1))[None]
-
-
 def panel_matmul(x: jax.Array, panels: jax.Array, layer) -> jax.Array:
     """x (..., K) @ W_layer (K, N) -> (..., N) float32, W_layer held as panels (L, P, K, PANEL).
     layer: int or traced int32 scalar. x is computed in float32; bfloat16 panels widen exactly.

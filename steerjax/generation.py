@@ -88,8 +88,8 @@ def pack_linear_kernels(tree) -> dict:
 def pack_decode_weights(params) -> dict:
     """Panels for the CPU decode kernels: {"blocks": pack_linear_kernels(blocks), "unembed": (1, P, d, PANEL)
     panels of W_U.T, or None when unsupported}."""
-    w_u = causal_lm.unembedding(params)
-    unembed = cpu_kernels.pack_rows(w_u) if cpu_kernels.supports(w_u.T) else None
+    w_u_t = causal_lm.unembedding(params).T[None]  # logits = x @ W_U.T: W_U.T as a one-layer stack
+    unembed = cpu_kernels.pack_panels(w_u_t) if cpu_kernels.supports(w_u_t) else None
     return {"blocks": pack_linear_kernels(params["blocks"]), "unembed": unembed}
 
 

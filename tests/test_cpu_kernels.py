@@ -41,7 +41,7 @@ def test_kernels_build_on_this_machine():
     assert cpu_kernels.available(), cpu_kernels.unavailable_reason()
 
 
-def test_pack_panels_and_rows_layout():
+def test_pack_panels_layout():
     rng = np.random.default_rng(0)
     w = rng.standard_normal((3, 5, 24)).astype(np.float32)
     panels = np.asarray(cpu_kernels.pack_panels(jnp.asarray(w)))
@@ -49,7 +49,7 @@ def test_pack_panels_and_rows_layout():
     for l, p, k, j in [(0, 0, 0, 0), (2, 1, 4, 7), (1, 2, 3, 5)]:
         assert panels[l, p, k, j] == w[l, k, 8 * p + j]
     u = rng.standard_normal((16, 5)).astype(np.float32)  # (N, K), used as x @ u.T
-    rows = np.asarray(cpu_kernels.pack_rows(jnp.asarray(u)))
+    rows = np.asarray(cpu_kernels.pack_panels(jnp.asarray(u).T[None]))  # as generation packs W_U
     assert rows.shape == (1, 2, 5, 8)
     np.testing.assert_array_equal(rows[0, 1, 3], u[8:16, 3])
     with pytest.raises(ValueError, match="multiple of 8"):
@@ -88,7 +88,7 @@ def test_panel_matmul_under_vmap_and_leading_axes():
     rng = np.random.default_rng(2)
     x = rng.standard_normal((4, 2, 3, 16)).astype(np.float32)
     u = rng.standard_normal((24, 16)).astype(np.float32)
-    rows = cpu_kernels.pack_rows(jnp.asarray(u))
+    rows = cpu_kernels.pack_panels(jnp.asarray(u).T[None])
     direct = cpu_kernels.panel_matmul(jnp.asarray(x), rows, 0)
     assert direct.shape == (4, 2, 3, 24)
     assert_product_close(np.asarray(direct).reshape(-1, 24), x.reshape(-1, 16), u.T)
