@@ -138,32 +138,21 @@ ffi::Error panel_matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   return ffi::Error::Success();
 }
 
-ffi::Error panel_matmul_f32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> panels,
-                            ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int64_t layers) {
-  return panel_matmul<ffi::F32, float>(pool, x, panels, layer, y, layers);
-}
-
-ffi::Error panel_matmul_bf16(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> panels,
-                             ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int64_t layers) {
-  return panel_matmul<ffi::BF16, uint16_t>(pool, x, panels, layer, y, layers);
+// The binding both weight dtypes share: thread pool; x, panels, layer; y; the stack's layer count.
+template <ffi::DataType WT>
+auto panel_matmul_binding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<WT>>()
+      .template Arg<ffi::Buffer<ffi::S32>>()  // the builder's type depends on WT from here on
+      .template Ret<ffi::Buffer<ffi::F32>>()
+      .template Attr<int64_t>("layers");
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SteerjaxPanelMatmulF32, panel_matmul_f32,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("layers"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SteerjaxPanelMatmulBF16, panel_matmul_bf16,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("layers"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SteerjaxPanelMatmulF32, (panel_matmul<ffi::F32, float>),
+                              panel_matmul_binding<ffi::F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SteerjaxPanelMatmulBF16, (panel_matmul<ffi::BF16, uint16_t>),
+                              panel_matmul_binding<ffi::BF16>());
