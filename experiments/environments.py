@@ -111,15 +111,15 @@ def analyse(store, protocol, env, traits, seeds) -> list[dict]:
     rows = []
     base_key = f"{env}/base"
     for trait in traits:
-        score = lambda key: behaviour.scores_of(store[key], protocol, trait)  # noqa: E731
+        score = lambda key: behaviour.scores_of(store[key], protocol, trait)
         base, v = score(base_key), score(f"{env}/{trait}/v")
         perps = [score(f"{env}/{trait}/v+perp{s}") for s in range(seeds)]
         ds = [behaviour.effect_size(protocol, v, p) for p in perps]
-        signed, absolute = behaviour.mean_sd(ds), behaviour.mean_sd([None if x is None else abs(x) for x in ds])
-        eq = behaviour.equivalence(v, np.concatenate(perps))
+        signed, absolute = stats.mean_sd(ds), stats.mean_sd([None if x is None else abs(x) for x in ds])
+        eq = stats.equivalence(v, np.concatenate(perps))
         rows.append({"environment": env, "trait": trait, "d_mean": signed["mean"], "d_sd": signed["sd"],
                      "abs_d_mean": absolute["mean"], "mean_base": float(base.mean()), "mean_v": float(v.mean()),
-                     "mean_v_plus_perp": float(np.mean(perps)), "d_base_vs_v": behaviour._safe(stats.cohens_d, v, base),
+                     "mean_v_plus_perp": float(np.mean(perps)), "d_base_vs_v": stats.or_none(stats.cohens_d, v, base),
                      "tost_p": eq["tost_p"], "minimum_detectable_d": eq["minimum_detectable_d"]})
     return rows
 
@@ -250,10 +250,6 @@ def plot_angles(result: dict, path: Path) -> None:
     plotting.save_figure(fig, path)
 
 
-def _f(x, spec=".2f") -> str:
-    return "-" if x is None else format(x, spec)
-
-
 def print_tables(result: dict) -> None:
     s = result["settings"]
     envs = s["environments"]
@@ -263,11 +259,12 @@ def print_tables(result: dict) -> None:
     print(f"{'trait':<11} " + " ".join(f"{e[:14]:>14}" for e in envs))
     for t in s["traits"]:
         cells = [next(r for r in result["rows"] if r["environment"] == e and r["trait"] == t) for e in envs]
-        print(f"{t:<11} " + " ".join(f"{_f(c['abs_d_mean']):>14}" for c in cells))
+        print(f"{t:<11} " + " ".join(f"{cli.fmt(c['abs_d_mean'], '.2f'):>14}" for c in cells))
     print("\nsteering effect d(v_e vs base) and TOST p (v_e vs pooled v_e + v_perp, +-0.2 SD):")
     for t in s["traits"]:
         cells = [next(r for r in result["rows"] if r["environment"] == e and r["trait"] == t) for e in envs]
-        print(f"{t:<11} " + " ".join(f"{_f(c['d_base_vs_v'], '+.2f'):>6} p={_f(c['tost_p'])}" for c in cells))
+        print(f"{t:<11} " + " ".join(f"{cli.fmt(c['d_base_vs_v'], '+.2f'):>6} p={cli.fmt(c['tost_p'], '.2f')}"
+                                     for c in cells))
     g = result["geometry"]
     print(f"\nJacobian null spaces at h{g['layer']} ({g['prompts_per_environment']} prompts per environment):")
     for e, v in g["environments"].items():

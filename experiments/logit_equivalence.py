@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 import steerjax as sj
-from steerjax.cli import ArgumentParser, fmt_or_dash, parse_floats, run_cli
+from steerjax.cli import ArgumentParser, fmt_or_dash, parse_floats, parse_traits, run_cli
 from steerjax import data, io, stats, studies
 
 KINDS = ("orthogonal", "random", "kernel")          # additive, ||delta|| = ||v||
@@ -58,10 +58,7 @@ def parse_args(argv):
     args.alphas = parse_floats(p, args.alphas, "--alphas")
     if 0 in args.alphas:
         p.error("--alphas must be non-zero (alpha = 0 is the unsteered reference; negative alphas steer along -v)")
-    args.traits = list(data.TRAITS) if args.traits == "all" else [t.strip() for t in args.traits.split(",") if t.strip()]
-    bad = [t for t in args.traits if t not in data.TRAITS]
-    if bad or not args.traits:
-        p.error(f"unknown trait(s) {bad}; choose from {', '.join(data.TRAITS)} or 'all'")
+    args.traits = parse_traits(p, args.traits)
     if not 1 <= args.n_prompts <= 100:
         p.error(f"--n-prompts must be in [1, 100], got {args.n_prompts}")
     if args.seeds < 1:

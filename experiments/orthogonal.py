@@ -81,29 +81,29 @@ def build_conditions(protocol, vectors, steer_layer, alpha, seeds, base_seed) ->
 
 
 def analyse_trait(store, protocol, trait, seeds, seed_counts) -> dict:
-    score = lambda key: behaviour.scores_of(store[key], protocol, trait)  # noqa: E731
+    score = lambda key: behaviour.scores_of(store[key], protocol, trait)
     base, v = score("base"), score(f"{trait}/v")
     per_seed = []
     for s in range(seeds):
         vp, perp = score(f"{trait}/v+perp{s}"), score(f"{trait}/perp{s}")
-        per_seed.append({"seed": s, "d": behaviour.effect_size(protocol, v, vp), "r": behaviour.correlation(v, vp),
+        per_seed.append({"seed": s, "d": behaviour.effect_size(protocol, v, vp), "r": stats.correlation(v, vp),
                          "efficacy": behaviour.efficacy(protocol, perp, v, base),
-                         "raw_ratio": behaviour._safe(stats.paper_raw_ratio, perp, v),
-                         "baseline_efficacy": behaviour._safe(stats.perp_only_efficacy, perp, v, base),
+                         "raw_ratio": stats.or_none(stats.paper_raw_ratio, perp, v),
+                         "baseline_efficacy": stats.or_none(stats.perp_only_efficacy, perp, v, base),
                          "mean_v_plus_perp": float(vp.mean()), "mean_perp": float(perp.mean())})
     table = [{"trait": trait, "n_seeds": n,
-              **{f"{k}_{stat}": behaviour.mean_sd([r[k] for r in per_seed[:n]])[stat]
+              **{f"{k}_{stat}": stats.mean_sd([r[k] for r in per_seed[:n]])[stat]
                  for k in ("d", "r", "efficacy") for stat in ("mean", "sd")}} for n in seed_counts]
     out = {"mean_base": float(base.mean()), "mean_v": float(v.mean()), "sd_v": float(v.std(ddof=1)),
            "per_seed": per_seed, "table": table,
-           "d_base_vs_v": behaviour._safe(stats.cohens_d, v, base)}
+           "d_base_vs_v": stats.or_none(stats.cohens_d, v, base)}
     pooled = np.concatenate([score(f"{trait}/v+perp{s}") for s in range(seeds)])
-    out["equivalence_v_vs_pooled_v_plus_perp"] = behaviour.equivalence(v, pooled)
+    out["equivalence_v_vs_pooled_v_plus_perp"] = stats.equivalence(v, pooled)
     if f"{trait}/2v" in store:
         twice = score(f"{trait}/2v")
         out["mean_2v"] = float(twice.mean())
-        out["d_v_vs_2v"] = behaviour._safe(stats.cohens_d, twice, v)
-        out["equivalence_v_vs_2v"] = behaviour.equivalence(v, twice)
+        out["d_v_vs_2v"] = stats.or_none(stats.cohens_d, twice, v)
+        out["equivalence_v_vs_2v"] = stats.equivalence(v, twice)
     return out
 
 
@@ -192,7 +192,7 @@ def plot_effect_sizes(result: dict, path: Path) -> None:
             ax.scatter([i + 0.35], [abs(r["d_v_vs_2v"])], marker="^", color="tab:red",
                        label="|d(v, 2v)| (positive control)" if i == 0 else None)
         mdd = r["equivalence_v_vs_pooled_v_plus_perp"]["minimum_detectable_d"]
-        ax.hlines(behaviour.minimum_detectable_d(result["n_rows_per_condition"], result["n_rows_per_condition"]),
+        ax.hlines(stats.minimum_detectable_d(result["n_rows_per_condition"], result["n_rows_per_condition"]),
                   i - 0.4, i + 0.4, color="grey", ls=":", label="detectable d, one seed (80% power)" if i == 0 else None)
         ax.hlines(mdd, i - 0.4, i + 0.4, color="black", ls=":", label="detectable d, pooled seeds" if i == 0 else None)
     ax.axhline(0.2, color="red", ls="--", lw=1, label="d = 0.2")
@@ -202,28 +202,23 @@ def plot_effect_sizes(result: dict, path: Path) -> None:
     plotting.save_figure(fig, path)
 
 
-def _pm(m, s, spec=".3f") -> str:
-    if m is None:
-        return "-"
-    return f"{m:{spec}} +- {s:{spec}}" if s is not None else f"{m:{spec}}"
-
-
 def print_table(result: dict) -> None:
     print(_title(result))
     eff = "raw |perp|/|v|" if result["protocol"]["efficacy"] == "raw_ratio" else "(perp-base)/(v-base)"
     print(f"\nTable 1 format: {'trait':<11} {'seeds':>5} {'Cohen d':>16} {'correlation':>16} {'perp-only ' + eff:>24}")
     for trait, r in result["traits"].items():
         for row in r["table"]:
-            print(f"{'':<15} {trait:<11} {'n=' + str(row['n_seeds']):>5} {_pm(row['d_mean'], row['d_sd']):>16} "
-                  f"{_pm(row['r_mean'], row['r_sd']):>16} {_pm(row['efficacy_mean'], row['efficacy_sd'], '.1%'):>24}")
+            d, corr, efficacy = (cli.fmt_pm(row[f"{k}_mean"], row[f"{k}_sd"], spec, sep=" +- ")
+                                 for k, spec in (("d", ".3f"), ("r", ".3f"), ("efficacy", ".1%")))
+            print(f"{'':<15} {trait:<11} {'n=' + str(row['n_seeds']):>5} {d:>16} {corr:>16} {efficacy:>24}")
     print("\nmeans and controls:")
     for trait, r in result["traits"].items():
         eq = r["equivalence_v_vs_pooled_v_plus_perp"]
         line = (f"  {trait:<11} base {r['mean_base']:.3f}  v {r['mean_v']:.3f}  d(v vs base) "
-                f"{_pm(r['d_base_vs_v'], None, '+.2f')}  TOST(v, pooled v+perp, +-0.2 SD) p={_pm(eq['tost_p'], None, '.3f')}"
-                f" (detectable d {eq['minimum_detectable_d']:.2f})")
+                f"{cli.fmt(r['d_base_vs_v'], '+.2f')}  TOST(v, pooled v+perp, +-0.2 SD) "
+                f"p={cli.fmt(eq['tost_p'], '.3f')} (detectable d {eq['minimum_detectable_d']:.2f})")
         if "d_v_vs_2v" in r:
-            line += f"  2v {r['mean_2v']:.3f}, d(2v vs v) {_pm(r['d_v_vs_2v'], None, '+.2f')}"
+            line += f"  2v {r['mean_2v']:.3f}, d(2v vs v) {cli.fmt(r['d_v_vs_2v'], '+.2f')}"
         print(line)
 
 

@@ -22,14 +22,6 @@ PAPER_TABLE3 = {"Qwen-3B": {"humor": (0.90, 81, 86), "formality": (0.76, 94, 96)
                 "Llama-8B": {"humor": (0.64, 96, 90), "formality": (0.49, 93, 95), "politeness": (0.65, 91, 94)}}
 
 
-def _f(x, spec=".3f") -> str:
-    return "-" if x is None else format(x, spec)
-
-
-def _pm(m, s, spec=".3f") -> str:
-    return "-" if m is None else (f"{m:{spec}} ± {s:{spec}}" if s is not None else f"{m:{spec}}")
-
-
 def header(result: dict) -> str:
     s = result["settings"]
     return (f"{result['model_name']}, {s['protocol']} protocol: read h{s['read_layer']}, steer h{s['steer_layer']} "
@@ -42,18 +34,20 @@ def orthogonal_md(result: dict) -> str:
              f"| Trait | Seeds | Cohen's d | Correlation | Perp-only, {eff} |", "|---|---|---|---|---|"]
     for trait, r in result["traits"].items():
         for row in r["table"]:
-            lines.append(f"| {trait} | n={row['n_seeds']} | {_pm(row['d_mean'], row['d_sd'])} | "
-                         f"{_pm(row['r_mean'], row['r_sd'])} | {_pm(row['efficacy_mean'], row['efficacy_sd'], '.1%')} |")
+            d, corr, efficacy = (cli.fmt_pm(row[f"{k}_mean"], row[f"{k}_sd"], spec)
+                                 for k, spec in (("d", ".3f"), ("r", ".3f"), ("efficacy", ".1%")))
+            lines.append(f"| {trait} | n={row['n_seeds']} | {d} | {corr} | {efficacy} |")
     lines += ["", "| Trait | mean base | mean v | d(v, base) | mean 2v | d(2v, v) | raw ratio (paper) | (perp−base)/(v−base) | TOST p, v vs pooled v+perp (±0.2 SD) | detectable d |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for trait, r in result["traits"].items():
         eq = r["equivalence_v_vs_pooled_v_plus_perp"]
         raw = [s["raw_ratio"] for s in r["per_seed"] if s["raw_ratio"] is not None]
         base = [s["baseline_efficacy"] for s in r["per_seed"] if s["baseline_efficacy"] is not None]
-        mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
-        lines.append(f"| {trait} | {r['mean_base']:.3f} | {r['mean_v']:.3f} | {_f(r['d_base_vs_v'], '+.2f')} | "
-                     f"{_f(r.get('mean_2v'))} | {_f(r.get('d_v_vs_2v'), '+.2f')} | {_f(mean(raw), '.1%')} | "
-                     f"{_f(mean(base), '.1%')} | {_f(eq['tost_p'])} | {eq['minimum_detectable_d']:.2f} |")
+        mean = lambda xs: sum(xs) / len(xs) if xs else None
+        lines.append(f"| {trait} | {r['mean_base']:.3f} | {r['mean_v']:.3f} | {cli.fmt(r['d_base_vs_v'], '+.2f')} | "
+                     f"{cli.fmt(r.get('mean_2v'), '.3f')} | {cli.fmt(r.get('d_v_vs_2v'), '+.2f')} | "
+                     f"{cli.fmt(mean(raw), '.1%')} | {cli.fmt(mean(base), '.1%')} | {cli.fmt(eq['tost_p'], '.3f')} | "
+                     f"{eq['minimum_detectable_d']:.2f} |")
     return "\n".join(lines)
 
 
@@ -64,7 +58,8 @@ def scale_md(result: dict) -> str:
     for r in result["rows"]:
         lines.append(f"| {r['trait']} | {r['alpha']:g} | {r['mean_v']:.3f} [{r['ci_v_low']:.3f}, {r['ci_v_high']:.3f}] | "
                      f"{r['mean_v_plus_perp']:.3f} [{r['ci_perp_low']:.3f}, {r['ci_perp_high']:.3f}] | "
-                     f"{r['abs_mean_diff']:.3f} | {_pm(r['d_mean'], r['d_sd'])} | {_f(r['tost_p'])} |")
+                     f"{r['abs_mean_diff']:.3f} | {cli.fmt_pm(r['d_mean'], r['d_sd'], '.3f')} | "
+                     f"{cli.fmt(r['tost_p'], '.3f')} |")
     return "\n".join(lines)
 
 
@@ -77,7 +72,7 @@ def environments_md(result: dict) -> str:
              "| Trait | " + " | ".join(envs) + " |", "|---|" + "---|" * len(envs)]
     for t in s["traits"]:
         cells = [next(r for r in result["rows"] if r["environment"] == e and r["trait"] == t) for e in envs]
-        lines.append(f"| {t} | " + " | ".join(f"{_f(c['abs_d_mean'], '.2f')} ({_f(c['d_base_vs_v'], '+.2f')})"
+        lines.append(f"| {t} | " + " | ".join(f"{cli.fmt(c['abs_d_mean'], '.2f')} ({cli.fmt(c['d_base_vs_v'], '+.2f')})"
                                               for c in cells) + " |")
     g = result["geometry"]
     lines += ["", f"Exact Jacobian null spaces at h{g['layer']} ({g['prompts_per_environment']} prompts per environment): "
@@ -119,7 +114,7 @@ def logit_equivalence_md(result: dict) -> str:
               "|---|---|---|---|---|---|---|---|"]
     for t in s["traits"]:
         for a in s["alphas"]:
-            cell = lambda k: f"{rows[(t, a, k)]['kl_mean']:.2e} ({rows[(t, a, k)]['top1_mean']:.0%})"  # noqa: E731
+            cell = lambda k: f"{rows[(t, a, k)]['kl_mean']:.2e} ({rows[(t, a, k)]['top1_mean']:.0%})"
             ker = rows[(t, a, "kernel")]
             lines.append(f"| {t} | {a:g} | {cell('orthogonal')} | {cell('random')} | {cell('kernel')} | "
                          f"{ker['kl_vs_orthogonal']:.3f} | {ker['jvp_ratio_mean']:.1e} | {cell('paper_random')} |")

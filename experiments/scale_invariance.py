@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 import steerjax as sj
-from steerjax import behaviour, cli, data, io, studies
+from steerjax import behaviour, cli, data, io, stats, studies
 
 
 def parse_args(argv):
@@ -70,7 +70,7 @@ def prompt_means(scores: np.ndarray, n_prompts: int) -> np.ndarray:
 
 
 def analyse_trait(store, protocol, trait, alphas, seeds, n_prompts) -> list[dict]:
-    score = lambda key: behaviour.scores_of(store[key], protocol, trait)  # noqa: E731
+    score = lambda key: behaviour.scores_of(store[key], protocol, trait)
     rows = []
     for a in alphas:
         if a == 0:
@@ -79,14 +79,14 @@ def analyse_trait(store, protocol, trait, alphas, seeds, n_prompts) -> list[dict
         else:
             v = score(f"{trait}/{alpha_key(a)}/v")
             perps = np.stack([score(f"{trait}/{alpha_key(a)}/v+perp{s}") for s in range(seeds)])
-        mv, lv, uv = behaviour.mean_ci(prompt_means(v[None], n_prompts))
-        mp, lp, up = behaviour.mean_ci(prompt_means(perps, n_prompts))
+        mv, lv, uv = stats.mean_ci(prompt_means(v[None], n_prompts))
+        mp, lp, up = stats.mean_ci(prompt_means(perps, n_prompts))
         row = {"trait": trait, "alpha": a, "mean_v": mv, "ci_v_low": lv, "ci_v_high": uv,
                "mean_v_plus_perp": mp, "ci_perp_low": lp, "ci_perp_high": up, "abs_mean_diff": abs(mv - mp)}
         if a != 0:
             ds = [behaviour.effect_size(protocol, v, p) for p in perps]
-            stat = behaviour.mean_sd(ds)
-            eq = behaviour.equivalence(v, perps.reshape(-1))
+            stat = stats.mean_sd(ds)
+            eq = stats.equivalence(v, perps.reshape(-1))
             row.update({"d_mean": stat["mean"], "d_sd": stat["sd"], "tost_p": eq["tost_p"],
                         "equivalent_at_0.2sd": eq["equivalent"], "minimum_detectable_d": eq["minimum_detectable_d"],
                         "per_seed_d": ds, "per_seed_mean": perps.mean(axis=1).tolist()})
@@ -161,10 +161,6 @@ def plot_curves(result: dict, path: Path) -> None:
     plotting.save_figure(fig, path)
 
 
-def _f(x, spec=".3f") -> str:
-    return "-" if x is None else format(x, spec)
-
-
 def print_table(result: dict) -> None:
     s = result["settings"]
     print(f"{result['model_name']}: {s['protocol']} protocol (read h{s['read_layer']}, steer h{s['steer_layer']}), "
@@ -174,7 +170,7 @@ def print_table(result: dict) -> None:
     for r in result["rows"]:
         print(f"{r['trait']:<11} {r['alpha']:>5g} {r['mean_v']:>7.3f} [{r['ci_v_low']:.3f}, {r['ci_v_high']:.3f}] "
               f"{r['mean_v_plus_perp']:>9.3f} [{r['ci_perp_low']:.3f}, {r['ci_perp_high']:.3f}] {r['abs_mean_diff']:>7.3f} "
-              f"{_f(r['d_mean'], '+.3f'):>8} +- {_f(r['d_sd'], '.3f'):<5} {_f(r['tost_p']):>7}")
+              f"{cli.fmt(r['d_mean'], '+.3f'):>8} +- {cli.fmt(r['d_sd'], '.3f'):<5} {cli.fmt(r['tost_p'], '.3f'):>7}")
 
 
 def main(argv=None) -> int:

@@ -1,6 +1,7 @@
 """Behavioural steering studies (the paper's Section 6): sampled generations under steering conditions,
 probe scores, and the comparisons the paper reports (Cohen's d, correlation, perp-only efficacy), with the
-corrected protocol's additions (unsteered baseline, paired sampling, TOST, power).
+corrected protocol's additions (unsteered baseline, paired sampling, TOST, power; the pure statistics live in
+`steerjax.stats`).
 
 A *condition* is one steering setting (layer, vector, alpha) applied to every row of a `GenerationPlan`
 (prompts x samples, prompt-major). `run_conditions` generates and scores the conditions a `UnitStore`
@@ -16,9 +17,9 @@ import zlib
 from typing import Mapping, Sequence
 
 import numpy as np
-from scipy import stats as scipy_stats
 
 from steerjax import stats
+from steerjax.checks import check_positive_int, check_positive_number
 from steerjax.errors import InputError
 from steerjax.io import UnitStore
 from steerjax.studies import StudyProtocol
@@ -45,12 +46,9 @@ class GenerationPlan:
     def __post_init__(self):
         if not self.prompts or not all(isinstance(p, str) and p.strip() for p in self.prompts):
             raise InputError("a generation plan needs at least one non-empty prompt")
-        if self.samples_per_prompt < 1:
-            raise InputError(f"samples per prompt must be >= 1, got {self.samples_per_prompt}")
-        if self.max_new_tokens < 1:
-            raise InputError(f"max new tokens must be >= 1, got {self.max_new_tokens}")
-        if not (np.isfinite(self.temperature) and self.temperature > 0):
-            raise InputError(f"behavioural studies sample: temperature must be > 0, got {self.temperature}")
+        check_positive_int(self.samples_per_prompt, "samples_per_prompt")
+        check_positive_int(self.max_new_tokens, "max_new_tokens")
+        check_positive_number(self.temperature, "temperature (behavioural studies sample)")
 
     @property
     def row_prompts(self) -> list[str]:
@@ -141,61 +139,18 @@ def scores_of(unit: Mapping, protocol: StudyProtocol, trait: str) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- comparisons
 
-def _safe(fn, *args):
-    try:
-        return fn(*args)
-    except InputError:
-        return None
-
-
 def effect_size(protocol: StudyProtocol, a, b) -> float | None:
     """The protocol's Cohen's d of a vs b (paper: unsigned ddof-0; corrected: signed pooled); None if
     both samples are constant."""
     fn = stats.paper_cohens_d if protocol.effect_size == "paper_cohens_d" else stats.cohens_d
-    return _safe(fn, a, b)
+    return stats.or_none(fn, a, b)
 
 
 def efficacy(protocol: StudyProtocol, perp, v, base) -> float | None:
     """Perp-only efficacy: the paper's raw ratio |mean perp| / |mean v|, or (perp - base) / (v - base)."""
     if protocol.efficacy == "raw_ratio":
-        return _safe(stats.paper_raw_ratio, perp, v)
-    return _safe(stats.perp_only_efficacy, perp, v, base)
-
-
-def correlation(a, b) -> float | None:
-    """Pearson r of row-aligned scores (None if either is constant)."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if a.std() == 0 or b.std() == 0:
-        return None
-    return float(stats.pearson_r(a, b)[0])
-
-
-def minimum_detectable_d(n_a: int, n_b: int, alpha: float = 0.05, power: float = 0.8) -> float:
-    """Smallest |d| a two-sided two-sample test detects with the given power (normal approximation):
-    (z_{1-alpha/2} + z_power) sqrt(1/n_a + 1/n_b)."""
-    z = scipy_stats.norm.ppf(1 - alpha / 2) + scipy_stats.norm.ppf(power)
-    return float(z * np.sqrt(1.0 / n_a + 1.0 / n_b))
-
-
-def equivalence(a, b, d_margin: float = 0.2) -> dict:
-    """TOST of a vs b with equivalence bounds +-d_margin pooled SDs, the pooled d with its bootstrap 95% CI,
-    and the minimum detectable |d| (80% power)."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    out = {"d_margin": d_margin, "n_a": a.size, "n_b": b.size, "minimum_detectable_d": minimum_detectable_d(a.size, b.size)}
-    d = _safe(stats.cohens_d, a, b)
-    if d is None:
-        return {**out, "d": None, "d_ci95": None, "tost_p": None, "equivalent": None}
-    t = stats.tost_ind_d(a, b, d_margin)
-    ci = _safe(stats.cohens_d_ci, a, b, 1000)   # None when too many resamples are constant (tiny samples)
-    return {**out, "d": d, "d_ci95": None if ci is None else list(ci), "tost_p": t.p_value,
-            "equivalent": bool(t.equivalent)}
-
-
-def mean_sd(values: Sequence[float | None]) -> dict:
-    """mean, sd (ddof 1) and n over the non-None values."""
-    x = np.array([v for v in values if v is not None], np.float64)
-    return {"mean": float(x.mean()) if x.size else None, "sd": float(x.std(ddof=1)) if x.size > 1 else None,
-            "n": int(x.size)}
+        return stats.or_none(stats.paper_raw_ratio, perp, v)
+    return stats.or_none(stats.perp_only_efficacy, perp, v, base)
 
 
 def make_probes(kind: str, traits: Sequence[str], lm=None) -> dict:
@@ -203,10 +158,3 @@ def make_probes(kind: str, traits: Sequence[str], lm=None) -> dict:
     from steerjax.probes import make_probe
 
     return {t: make_probe(kind, t, lm=lm if kind == "model" else None) for t in traits}
-
-
-def mean_ci(x, confidence: float = 0.95) -> tuple[float, float, float]:
-    """(mean, lower, upper) t-interval of the mean of x (n >= 2)."""
-    x = np.asarray(x, np.float64)
-    half = scipy_stats.t.ppf(0.5 + confidence / 2, x.size - 1) * x.std(ddof=1) / np.sqrt(x.size)
-    return float(x.mean()), float(x.mean() - half), float(x.mean() + half)

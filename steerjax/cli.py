@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Any, Callable
+
+from steerjax import data, studies
+from steerjax.checks import check_layer
+from steerjax.errors import SteerjaxError
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -31,8 +36,6 @@ class ArgumentParser(argparse.ArgumentParser):
 def run_cli(parse_args: Callable[[Any], Any], run: Callable[[Any], Any], argv=None) -> int:
     """Parse argv, run, and turn a SteerjaxError into `error: ...` on stderr with exit code 2 (an OSError,
     e.g. an unwritable --out or a full disk, into `error: ...` with exit code 1)."""
-    from steerjax.errors import SteerjaxError
-
     args = parse_args(argv)
     try:
         run(args)
@@ -47,8 +50,6 @@ def run_cli(parse_args: Callable[[Any], Any], run: Callable[[Any], Any], argv=No
 
 def add_study_arguments(p, *, n_prompts: int, samples: int, max_new_tokens: int, traits: str = "all") -> None:
     """Arguments shared by the behavioural study scripts (orthogonal, scale_invariance, environments)."""
-    from steerjax import data, studies
-
     p.add_argument("--model", default=None, help="model spec (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--protocol", choices=studies.PROTOCOLS, default="corrected",
                    help="corrected (default) or paper (the released code's choices, see docs/results.md)")
@@ -67,14 +68,7 @@ def add_study_arguments(p, *, n_prompts: int, samples: int, max_new_tokens: int,
 
 def check_study_arguments(p, args) -> None:
     """Validate the shared arguments in place (traits -> list); errors go through argparse (exit 2)."""
-    import math
-
-    from steerjax import data
-
-    args.traits = list(data.TRAITS) if args.traits == "all" else [t.strip() for t in args.traits.split(",") if t.strip()]
-    bad = [t for t in args.traits if t not in data.TRAITS]
-    if bad or not args.traits:
-        p.error(f"unknown trait(s) {bad}; choose from {', '.join(data.TRAITS)} or 'all'")
+    args.traits = parse_traits(p, args.traits)
     for name in ("n_prompts", "samples", "max_new_tokens"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -84,23 +78,40 @@ def check_study_arguments(p, args) -> None:
         p.error(f"--temperature must be finite and > 0, got {args.temperature}")
 
 
+def parse_traits(p, text: str) -> list[str]:
+    """--traits: 'all' (every shipped trait, in data.TRAITS order) or a comma list of shipped traits, else an
+    argparse error naming the unknown ones and the valid choices."""
+    traits = list(data.TRAITS) if text == "all" else [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in traits if t not in data.TRAITS]
+    if bad or not traits:
+        p.error(f"unknown trait(s) {bad}; choose from {', '.join(data.TRAITS)} or 'all'")
+    return traits
+
+
 def check_trait(p, trait: str) -> None:
     """An argparse error (before the model loads) unless `trait` is a shipped trait."""
-    from steerjax import data
-
     if trait not in data.TRAITS:
         p.error(f"unknown --trait {trait!r}; choose one of {', '.join(data.TRAITS)}")
 
 
-def fmt_or_dash(x, spec: str) -> str:
-    """format(x, spec), or "-" for None (a value that does not apply)."""
+def fmt(x, spec: str) -> str:
+    """format(x, spec), or "-" for None (a value that does not apply or is undefined)."""
     return "-" if x is None else format(x, spec)
+
+
+fmt_or_dash = fmt  # the former name of `fmt`
+
+
+def fmt_pm(mean, sd, spec: str, sep: str = " ± ") -> str:
+    """The text "mean ± sd", both formatted with `spec` (`sep` between them, e.g. " +- " for plain-ASCII
+    terminal tables); just the mean when sd is None, "-" when mean is None."""
+    if mean is None:
+        return "-"
+    return f"{mean:{spec}}{sep}{sd:{spec}}" if sd is not None else f"{mean:{spec}}"
 
 
 def parse_floats(p, text: str, name: str) -> list[float]:
     """A comma list of finite numbers, or an argparse error naming the flag."""
-    import math
-
     try:
         values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
@@ -112,10 +123,5 @@ def parse_floats(p, text: str, name: str) -> list[float]:
 
 def study_layer(lm, layer: int | None) -> int:
     """The steered layer (default L // 2) of a single-trait study, checked against the model (the trait
-    name is checked at parse time by `check_trait`)."""
-    from steerjax.errors import SteeringError
-
-    layer = lm.num_layers // 2 if layer is None else layer
-    if not 0 <= layer <= lm.num_layers:
-        raise SteeringError(f"--layer {layer} is outside [0, {lm.num_layers}]")
-    return layer
+    name is checked at parse time by `check_trait`); SteeringError if outside [0, L]."""
+    return check_layer(lm.num_layers // 2 if layer is None else layer, lm.num_layers, "--layer")

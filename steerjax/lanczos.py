@@ -276,21 +276,3 @@ def lanczos_eigh(matvec: Callable, args, d: int, k: int, steps: int | None = Non
         f"top-{k} Lanczos eigenpairs did not converge in {steps} steps", "|w_1|", "raise steps"))
     return EighResult(w[order], Q.T @ y[:, order], resid, converged)
 
-
-def dense_matvec(a, v):
-    """A v for a dense matrix passed as the operator args."""
-    return a @ v
-
-
-def dense_rmatvec(a, u):
-    """A^T u for a dense matrix passed as the operator args."""
-    return a.T @ u
-
-
-def known_spectrum_matrix(singular_values, n: int, seed: int = 0) -> np.ndarray:
-    """n x d float64 matrix U diag(s) V^T with Haar-random orthonormal U, V (d = len(s))."""
-    rng = np.random.default_rng(seed)
-    s = np.asarray(singular_values, np.float64)
-    u, _ = np.linalg.qr(rng.normal(size=(n, s.size)))
-    v, _ = np.linalg.qr(rng.normal(size=(s.size, s.size)))
-    return (u * s) @ v.T

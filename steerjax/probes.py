@@ -8,7 +8,8 @@ Three kinds, all following the `Probe` protocol (`name`, `trait`, `score(texts) 
 higher = more of the trait):
 
 * `LexicalProbe(trait)`: marker lexicons plus style features, combined by a fixed logistic formula
-  (the paper's kind of heuristic, written fresh). Matching is whole-word and case-insensitive, so
+  (the paper's kind of heuristic, written fresh); lexicons and weights are versioned data,
+  `steerjax/data/probes.json` (`data.probe_lexicons()`). Matching is whole-word and case-insensitive, so
   "informal" never counts as the formal marker "formal" (the released probe's `'formal' in label`
   bug).
 * `ModelProbe(lm, trait)`: sigmoid of the log-probability margin between a positive and a negative
@@ -32,9 +33,10 @@ from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
+from steerjax.checks import check_positive_int
+from steerjax.data import TRAITS, check_trait, probe_lexicons
 from steerjax.errors import InputError, ModelNotFoundError
 
-TRAITS = ("formality", "politeness", "humor")
 PROBE_KINDS = ("lexical", "model", "hf")
 NEUTRAL = 0.5
 
@@ -48,12 +50,6 @@ class Probe(Protocol):
     trait: str
 
     def score(self, texts: Sequence[str]) -> np.ndarray: ...
-
-
-def _check_trait(trait) -> str:
-    if not isinstance(trait, str) or trait.strip().lower() not in TRAITS:
-        raise InputError(f"unknown trait {trait!r}; valid traits are {', '.join(TRAITS)}")
-    return trait.strip().lower()
 
 
 def _as_texts(texts) -> list[str]:
@@ -87,90 +83,6 @@ def _sigmoid(x):
 # Lexical probe
 # --------------------------------------------------------------------------------------------------
 
-# Marker lexicons: plain words / phrases (matched as whole words, case-insensitive; a space matches
-# any run of whitespace) and, under "regex", extra patterns used verbatim.
-LEXICONS: dict[str, dict[str, dict[str, list[str]]]] = {
-    "formality": {
-        "positive": {"phrases": [
-            "furthermore", "moreover", "therefore", "thus", "hence", "consequently", "accordingly",
-            "nevertheless", "nonetheless", "notwithstanding", "whereas", "hereby", "herein", "thereby",
-            "pursuant to", "in accordance with", "with regard to", "with respect to", "regarding",
-            "concerning", "in addition", "additionally", "subsequently", "prior to", "sincerely",
-            "respectfully", "yours faithfully", "yours sincerely", "kind regards", "best regards",
-            "regards", "dear", "shall", "I am writing", "please find", "attached", "enclosed",
-            "we are pleased", "I would like to", "ensure", "inform", "request", "require",
-            "formal", "formally", "professional", "Mr", "Mrs", "Ms", "Dr", "Sir", "Madam",
-            "colleagues", "however", "therein", "whom", "hitherto", "commence", "endeavour", "endeavor",
-            "facilitate", "accommodate", "assistance", "acknowledge", "appropriate", "sufficient",
-        ], "regex": []},
-        "negative": {"phrases": [
-            "gonna", "wanna", "gotta", "kinda", "sorta", "lemme", "gimme", "dunno", "ain't", "y'all",
-            "yeah", "yep", "yup", "nope", "nah", "hey", "hiya", "yo", "sup", "lol", "lmao", "lmfao",
-            "rofl", "omg", "btw", "tbh", "idk", "imo", "imho", "fyi", "brb", "thx", "pls", "plz", "u",
-            "ur", "cuz", "coz", "dude", "bro", "buddy", "guys", "cool", "awesome", "stuff", "ok",
-            "okay", "wow", "haha", "totally", "super", "pretty much", "chill", "crazy", "folks",
-            "informal", "informally", "casual", "casually", "anyways", "whatever", "ya", "gotcha",
-        ], "regex": [r"\b(?:ha){2,}h?\b", r"\bso+o\b"]},
-    },
-    "politeness": {
-        "positive": {"phrases": [
-            "please", "thank you", "thanks", "thank", "thankful", "grateful", "gratitude",
-            "appreciate", "appreciated", "appreciation", "would you kindly", "kindly", "if you don't mind",
-            "would you mind", "could you please", "would you please", "would you", "could you",
-            "may I", "if possible", "if you could", "sorry", "apologize", "apologise", "apologies",
-            "pardon", "excuse me", "respectfully", "with respect", "I understand", "you're welcome",
-            "my pleasure", "happy to help", "glad to help", "kind regards", "warm regards",
-            "best wishes", "I'm afraid", "I am afraid", "I hope", "hope you", "dear", "generous",
-            "kind of you", "thoughtful", "wonderful", "I'd be happy", "I would be happy", "welcome",
-            "I see your point", "good point", "fair point", "understandable",
-        ], "regex": []},
-        "negative": {"phrases": [
-            "shut up", "whatever", "stupid", "idiot", "idiots", "idiotic", "dumb", "moron", "loser",
-            "nonsense", "ridiculous", "pathetic", "useless", "worthless", "incompetent", "hate",
-            "damn", "hell", "crap", "screw you", "get lost", "go away", "who cares", "don't care",
-            "do not care", "not my problem", "your problem", "your fault", "deal with it",
-            "figure it out", "how dare you", "what's wrong with you", "fool", "jerk", "ugh",
-            "annoying", "terrible", "obviously", "clueless", "lazy", "garbage", "trash", "sucks",
-            "shut it", "back off", "mind your own", "get over it", "grow up", "waste of time",
-        ], "regex": []},
-    },
-    "humor": {
-        "positive": {"phrases": [
-            "lol", "lmao", "lmfao", "rofl", "hehe", "joke", "jokes", "joking", "kidding",
-            "just kidding", "jk", "funny", "hilarious", "humor", "humour", "humorous", "pun", "puns",
-            "pun intended", "no pun intended", "punchline", "laugh", "laughed", "laughing", "laughs",
-            "giggle", "giggled", "chuckle", "chuckled", "silly", "goofy", "comedy", "comedian",
-            "witty", "wink", "knock knock", "walks into a bar", "why did the", "oops",
-            "whoops", "ridiculous", "absurd", "ironically", "plot twist",
-        ], "regex": [r"\b(?:ha){2,}h?\b", r"\b(?:he){2,}h?\b", r"\bx+d+\b"]},
-        "negative": {"phrases": [
-            "therefore", "furthermore", "moreover", "consequently", "accordingly", "analysis",
-            "data", "report", "results", "result", "according to", "evidence", "research", "study",
-            "factual", "fact", "facts", "accurate", "accurately", "precisely", "in conclusion",
-            "it is important", "significant", "significantly", "methodology", "statistics",
-            "official", "procedure", "quarterly", "performance", "regarding", "objective",
-            "serious", "seriously", "unfortunately", "documented", "measured", "percent",
-        ], "regex": []},
-    },
-}
-
-# Command verbs that open an imperative sentence (used by the politeness probe: "Fix it." is blunter
-# than "Please fix it.", which starts with "please" and is therefore not counted).
-_COMMAND_VERBS = ("stop", "give", "get", "fix", "send", "do", "tell", "go", "move", "leave", "answer",
-                  "listen", "read", "shut", "hurry", "quit", "look", "bring", "finish", "call")
-
-# Weights of the logistic formula: score = sigmoid(bias + sum_k w_k * f_k). Rate features are
-# log1p(count per 100 words); see LexicalProbe.features for every f_k.
-WEIGHTS: dict[str, dict[str, float]] = {
-    "formality": {"bias": 0.0, "positive": 1.0, "negative": -1.0, "contractions": -0.6,
-                  "exclamations": -0.5, "emoji": -0.5, "shouting": -0.3, "sentence_length": 0.6,
-                  "capitalised": 0.4},
-    "politeness": {"bias": 0.0, "positive": 1.2, "negative": -1.2, "imperatives": -0.5,
-                   "shouting": -0.4, "exclamations": -0.2},
-    "humor": {"bias": -0.5, "positive": 1.2, "negative": -0.8, "exclamations": 0.4, "emoji": 0.6,
-              "sentence_length": -0.3},
-}
-
 _APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'"})
 _WORD = re.compile(r"[A-Za-z0-9]+(?:'[A-Za-z]+)*")
 _CONTRACTION = re.compile(
@@ -183,8 +95,9 @@ _SHOUT = re.compile(r"\b[A-Z]{3,}\b")
 
 
 def _compile_lexicon(entry: dict[str, list[str]]) -> re.Pattern:
-    """One alternation (longest first, so "would you kindly" wins over "would you"): whole-word,
-    case-insensitive, non-overlapping."""
+    """One pattern for a lexicon entry {"phrases": [...], "regex": [...]} of probes.json: the phrases as one
+    alternation (longest first, so "would you kindly" wins over "would you"; whole-word, a space matching
+    any run of whitespace), then the regexes verbatim; case-insensitive, non-overlapping."""
     parts = sorted(set(entry["phrases"]), key=len, reverse=True)
     alts = [r"\s+".join(re.escape(w) for w in p.split()) for p in parts]
     pattern = r"\b(?:" + "|".join(alts) + r")\b"
@@ -198,25 +111,30 @@ class LexicalProbe:
 
     For a text with n words (n >= 1 after clamping) the features are
 
-      positive, negative  log1p(100 * marker hits / n)      (LEXICONS[trait], whole-word, no case)
+      positive, negative  log1p(100 * marker hits / n)      (probes.json lexicons, whole-word, no case)
       contractions        log1p(100 * contractions / n)     ("don't", "we're", "it's", ...)
       exclamations        log1p(100 * "!" count / n)
       emoji               log1p(100 * (emoji + emoticons like ":)") / n)
       shouting            log1p(100 * ALL-CAPS words of >= 3 letters / n)
-      imperatives         log1p(100 * sentences opening with a bare command verb / n)
+      imperatives         log1p(100 * sentences opening with a bare command verb / n)  (probes.json)
       sentence_length     clip((mean words per sentence - 15) / 10, -1.5, 1.5)
       capitalised         2 * (fraction of sentences starting with an upper-case letter) - 1
 
-    and score = sigmoid(WEIGHTS[trait]["bias"] + sum_k WEIGHTS[trait][k] * f_k). An empty or
-    whitespace-only text scores 0.5. The probe is a heuristic: negation ("not funny") and irony are
-    not modelled. Pass generated continuations only, not the prompt."""
+    and score = sigmoid(w["bias"] + sum_k w[k] * f_k), w = probes.json's weights of the trait (also
+    `self.weights`). "Fix it." opens with a command verb and counts as an imperative; "Please fix it."
+    opens with "please" and does not. An empty or whitespace-only text scores 0.5. The probe is a
+    heuristic: negation ("not funny") and irony are not modelled. Pass generated continuations only,
+    not the prompt."""
 
     def __init__(self, trait: str):
-        self.trait = _check_trait(trait)
+        self.trait = check_trait(trait)
         self.name = f"lexical-{self.trait}"
-        self.weights = dict(WEIGHTS[self.trait])
-        self._positive = _compile_lexicon(LEXICONS[self.trait]["positive"])
-        self._negative = _compile_lexicon(LEXICONS[self.trait]["negative"])
+        lexicons = probe_lexicons()
+        spec = lexicons["traits"][self.trait]
+        self.weights = dict(spec["weights"])
+        self._positive = _compile_lexicon(spec["positive"])
+        self._negative = _compile_lexicon(spec["negative"])
+        self._command_verbs = tuple(lexicons["command_verbs"])
 
     def __repr__(self) -> str:
         return f"LexicalProbe(trait={self.trait!r})"
@@ -231,7 +149,7 @@ class LexicalProbe:
         text = _one_text(text)
         words = _WORD.findall(text)
         n = max(len(words), 1)
-        rate = lambda count: math.log1p(100.0 * count / n)  # noqa: E731
+        rate = lambda count: math.log1p(100.0 * count / n)
         sentences = [s for s in _SENTENCE_SPLIT.split(text.strip()) if _WORD.search(s)]
         lengths = [len(_WORD.findall(s)) for s in sentences] or [0]
         starts = [re.search(r"[A-Za-z]", s) for s in sentences]
@@ -245,7 +163,7 @@ class LexicalProbe:
             "exclamations": rate(text.count("!")),
             "emoji": rate(len(_EMOJI.findall(text))),
             "shouting": rate(len(_SHOUT.findall(text))),
-            "imperatives": rate(sum(f in _COMMAND_VERBS for f in firsts)),
+            "imperatives": rate(sum(f in self._command_verbs for f in firsts)),
             "sentence_length": float(np.clip((np.mean(lengths) - 15.0) / 10.0, -1.5, 1.5)),
             "capitalised": 2.0 * (sum(c.isupper() for c in starts) / len(starts)) - 1.0 if starts else 0.0,
         }
@@ -292,7 +210,7 @@ class ModelProbe:
     def __init__(self, lm, trait: str, positive_continuation: str | None = None,
                  negative_continuation: str | None = None, batch_size: int = 16, max_text_tokens: int = 512):
         if positive_continuation is None or negative_continuation is None:
-            trait = _check_trait(trait)
+            trait = check_trait(trait)
             pos_default, neg_default = DEFAULT_CONTINUATIONS[trait]
             positive_continuation = pos_default if positive_continuation is None else positive_continuation
             negative_continuation = neg_default if negative_continuation is None else negative_continuation
@@ -305,10 +223,8 @@ class ModelProbe:
         if positive_continuation == negative_continuation:
             raise InputError("positive_continuation and negative_continuation are identical; the margin "
                              "would always be 0")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if not isinstance(max_text_tokens, int) or max_text_tokens < 1:
-            raise InputError(f"max_text_tokens must be a positive integer, got {max_text_tokens!r}")
+        batch_size = check_positive_int(batch_size, "batch_size")
+        max_text_tokens = check_positive_int(max_text_tokens, "max_text_tokens")
         if not hasattr(lm, "forward") or not hasattr(lm, "tokenizer"):
             raise InputError(f"ModelProbe needs a steerjax LanguageModel, got {type(lm).__name__}")
         self.lm = lm
@@ -407,8 +323,7 @@ class HFClassifierProbe:
             raise InputError(f"trait must be a non-empty string, got {trait!r}")
         if not isinstance(positive_label, str) or not positive_label.strip():
             raise InputError(f"positive_label must be a non-empty string, got {positive_label!r}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+        batch_size = check_positive_int(batch_size, "batch_size")
         folder = Path(model_dir)
         if not folder.is_dir():
             raise ModelNotFoundError(f"HF classifier folder {str(model_dir)!r} does not exist or is not a "

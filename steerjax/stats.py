@@ -1,5 +1,6 @@
 """Statistics for steering experiments: effect sizes, bootstrap CIs, correlation, equivalence tests
-(TOST), perp-only efficacy, and divergences between next-token distributions.
+(TOST), perp-only efficacy, summaries of repeated measurements, and divergences between next-token
+distributions.
 
 Pure NumPy/SciPy, float64 throughout. One definition per quantity (the seed paper mixes three Cohen's
 d definitions; here there is exactly one, `cohens_d`). Bad input raises `steerjax.errors.InputError`.
@@ -10,12 +11,13 @@ Shapes: sample functions take 1-D arrays of scores, shape (n,). Logit functions 
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 from scipy import special
 from scipy import stats as _st
 
+from .checks import check_fraction, check_int, check_positive_int, check_positive_number
 from .errors import InputError
 
 __all__ = [
@@ -31,6 +33,12 @@ __all__ = [
     "tost_ind_d",
     "perp_only_efficacy",
     "paper_raw_ratio",
+    "or_none",
+    "correlation",
+    "minimum_detectable_d",
+    "equivalence",
+    "mean_sd",
+    "mean_ci",
     "log_softmax",
     "kl_divergence",
     "js_divergence",
@@ -159,11 +167,8 @@ def bootstrap_ci(stat_fn: Callable[[np.ndarray, np.ndarray], float], a, b, n_res
     Raises InputError if stat_fn is undefined on the data or on any resample (e.g. a constant
     resample of a tiny or heavily tied sample) rather than silently dropping resamples."""
     a, b = _sample(a, "a"), _sample(b, "b")
-    if isinstance(n_resamples, bool) or not isinstance(n_resamples, (int, np.integer)) or n_resamples < 1:
-        raise InputError(f"n_resamples must be a positive integer, got {n_resamples!r}")
-    confidence = float(confidence)
-    if not 0.0 < confidence < 1.0:
-        raise InputError(f"confidence must lie strictly between 0 and 1, got {confidence}")
+    n_resamples = check_positive_int(n_resamples, "n_resamples")
+    confidence = check_fraction(confidence, "confidence")
     stat_fn(a, b)  # surfaces input errors (n too small, zero variance) on the original data
     rng = np.random.default_rng(seed)
     ia = rng.integers(0, a.size, size=(n_resamples, a.size))
@@ -229,23 +234,6 @@ class TOSTResult(NamedTuple):
     equivalent: bool    # p_value < alpha
 
 
-def _check_alpha(alpha) -> float:
-    alpha = float(alpha)
-    if not 0.0 < alpha < 1.0:
-        raise InputError(f"alpha must lie strictly between 0 and 1, got {alpha}")
-    return alpha
-
-
-def _check_margin(margin, name: str) -> float:
-    try:
-        margin = float(margin)
-    except (TypeError, ValueError):
-        raise InputError(f"{name} must be a positive number, got {margin!r}") from None
-    if not np.isfinite(margin) or margin <= 0:
-        raise InputError(f"{name} must be a finite positive number, got {margin}")
-    return margin
-
-
 def _tost(a: np.ndarray, b: np.ndarray, margin: float, pooled: bool, alpha: float) -> TOSTResult:
     na, nb = a.size, b.size
     va, vb = a.var(ddof=1), b.var(ddof=1)
@@ -279,7 +267,7 @@ def tost_ind(a, b, margin: float, pooled: bool = True, alpha: float = 0.05) -> T
     p_upper = P(T <= t_upper); p_value = max(p_lower, p_upper); equivalent = p_value < alpha.
     a: (na,), b: (nb,), each n >= 2. Matches statsmodels ttost_ind(a, b, -margin, margin)."""
     a, b = _sample(a, "a", 2), _sample(b, "b", 2)
-    return _tost(a, b, _check_margin(margin, "margin"), bool(pooled), _check_alpha(alpha))
+    return _tost(a, b, check_positive_number(margin, "margin"), bool(pooled), check_fraction(alpha, "alpha"))
 
 
 def tost_ind_d(a, b, d_margin: float, pooled: bool = True, alpha: float = 0.05) -> TOSTResult:
@@ -288,11 +276,11 @@ def tost_ind_d(a, b, d_margin: float, pooled: bool = True, alpha: float = 0.05) 
     The raw margin is estimated from the same data, so the test is approximate (the usual practice);
     the raw margin used is reported in the result's `margin` field."""
     a, b = _sample(a, "a", 2), _sample(b, "b", 2)
-    d_margin = _check_margin(d_margin, "d_margin")
+    d_margin = check_positive_number(d_margin, "d_margin")
     sp = _pooled_sd(a, b)
     if sp == 0.0:
         raise InputError("TOST in d units is undefined: both samples are constant (pooled SD = 0)")
-    return _tost(a, b, d_margin * sp, bool(pooled), _check_alpha(alpha))
+    return _tost(a, b, d_margin * sp, bool(pooled), check_fraction(alpha, "alpha"))
 
 
 # ----------------------------------------------------------------------------- steering efficacy
@@ -324,6 +312,62 @@ def paper_raw_ratio(score_perp, score_v) -> float:
     if v.mean() == 0.0:
         raise InputError("paper_raw_ratio is undefined: mean(score_v) == 0")
     return float(abs(perp.mean()) / abs(v.mean()))
+
+
+# ----------------------------------------------------------------------------- study summaries
+
+def or_none(fn: Callable, *args):
+    """fn(*args), or None where the statistic is undefined on the data (fn raised InputError: a constant
+    sample, too few values, ...). For study tables, where an undefined cell is shown as "-"."""
+    try:
+        return fn(*args)
+    except InputError:
+        return None
+
+
+def correlation(a, b) -> float | None:
+    """Pearson r of row-aligned scores a, b (n,) (None if either is constant)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.std() == 0 or b.std() == 0:
+        return None
+    return float(pearson_r(a, b)[0])
+
+
+def minimum_detectable_d(n_a: int, n_b: int, alpha: float = 0.05, power: float = 0.8) -> float:
+    """Smallest |d| a two-sided two-sample test detects with the given power (normal approximation):
+    (z_{1-alpha/2} + z_power) sqrt(1/n_a + 1/n_b)."""
+    z = _st.norm.ppf(1 - alpha / 2) + _st.norm.ppf(power)
+    return float(z * np.sqrt(1.0 / n_a + 1.0 / n_b))
+
+
+def equivalence(a, b, d_margin: float = 0.2) -> dict:
+    """TOST of a (na,) vs b (nb,) with equivalence bounds +-d_margin pooled SDs, the pooled d with its
+    bootstrap 95% CI, and the minimum detectable |d| (80% power). Keys: d_margin, n_a, n_b,
+    minimum_detectable_d, d, d_ci95, tost_p, equivalent (the last four None when d is undefined)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    out = {"d_margin": d_margin, "n_a": a.size, "n_b": b.size,
+           "minimum_detectable_d": minimum_detectable_d(a.size, b.size)}
+    d = or_none(cohens_d, a, b)
+    if d is None:
+        return {**out, "d": None, "d_ci95": None, "tost_p": None, "equivalent": None}
+    t = tost_ind_d(a, b, d_margin)
+    ci = or_none(cohens_d_ci, a, b, 1000)   # None when too many resamples are constant (tiny samples)
+    return {**out, "d": d, "d_ci95": None if ci is None else list(ci), "tost_p": t.p_value,
+            "equivalent": bool(t.equivalent)}
+
+
+def mean_sd(values: Sequence[float | None]) -> dict:
+    """mean, sd (ddof 1) and n over the non-None values (mean None when there are none, sd None below 2)."""
+    x = np.array([v for v in values if v is not None], np.float64)
+    return {"mean": float(x.mean()) if x.size else None, "sd": float(x.std(ddof=1)) if x.size > 1 else None,
+            "n": int(x.size)}
+
+
+def mean_ci(x, confidence: float = 0.95) -> tuple[float, float, float]:
+    """(mean, lower, upper) t-interval of the mean of x (n,), n >= 2."""
+    x = np.asarray(x, np.float64)
+    half = _st.t.ppf(0.5 + confidence / 2, x.size - 1) * x.std(ddof=1) / np.sqrt(x.size)
+    return float(x.mean()), float(x.mean() - half), float(x.mean() + half)
 
 
 # ----------------------------------------------------------------------------- logit divergences
@@ -378,8 +422,7 @@ def topk_overlap(logits_p, logits_q, k: int = 10) -> float:
     (..., V) x2 -> scalar."""
     lp, lq = _logit_pair(logits_p, logits_q)
     V = lp.shape[-1]
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= V:
-        raise InputError(f"k must be an integer in [1, V={V}], got {k!r}")
+    k = check_int(k, "k", low=1, high=V)  # top-k of V logits
     tp = np.argsort(-lp, axis=-1, kind="stable")[..., :k]
     tq = np.argsort(-lq, axis=-1, kind="stable")[..., :k]
     in_p = np.zeros(lp.shape, dtype=bool)

@@ -170,3 +170,20 @@ def test_environments_cli_paper_defaults_to_150_tokens():
     assert cli.parse_args([]).max_new_tokens == 40 and cli.parse_args([]).vector == "shipped"
     with pytest.raises(SystemExit):
         cli.parse_args(["--environments", "moon"])
+
+
+def test_shared_number_formatting_and_trait_parsing(capsys):
+    from steerjax import cli, data
+
+    assert cli.fmt(None, ".3f") == "-" and cli.fmt(0.12345, "+.2f") == "+0.12"
+    assert cli.fmt_pm(0.5, 0.25, ".3f") == "0.500 ± 0.250"                     # Markdown tables (report.py)
+    assert cli.fmt_pm(0.5, 0.25, ".1%", sep=" +- ") == "50.0% +- 25.0%"        # terminal tables
+    assert cli.fmt_pm(0.5, None, ".2f") == "0.50" and cli.fmt_pm(None, 0.1, ".2f") == "-"
+    p = cli.ArgumentParser(prog="study")
+    assert cli.parse_traits(p, "all") == list(data.TRAITS)
+    assert cli.parse_traits(p, " humor, formality ,") == ["humor", "formality"]
+    for bad in ("sarcasm,humor", ",", ""):
+        with pytest.raises(SystemExit) as info:
+            cli.parse_traits(p, bad)
+        assert info.value.code == 2
+        assert "unknown trait(s)" in capsys.readouterr().err

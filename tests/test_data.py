@@ -45,7 +45,7 @@ def all_environment_prompts() -> list[str]:
 # Schema, versions, counts
 # --------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["traits", "neutral_eval", "environments", "geometry_prompts"])
+@pytest.mark.parametrize("name", ["traits", "neutral_eval", "environments", "geometry_prompts", "probes"])
 def test_files_ship_as_package_data(name):
     assert resources.files("steerjax.data").joinpath(f"{name}.json").is_file()
 
@@ -88,6 +88,34 @@ def test_environments_schema():
     assert all(len(v) == 25 for v in envs.values())
 
 
+def test_probe_lexicons_are_versioned_and_cover_every_trait():
+    from steerjax.probes import LexicalProbe
+
+    doc = data.load_json("probes")
+    assert doc["version"] == 1
+    assert isinstance(doc["description"], str) and doc["description"].strip()
+    assert set(doc) == {"version", "description", "command_verbs", "traits"}
+    assert tuple(doc["traits"]) == data.TRAITS                      # every trait has a lexicon, no other
+    verbs = doc["command_verbs"]
+    assert verbs and all(isinstance(w, str) and w == w.strip().lower() and " " not in w for w in verbs)
+    features = set(LexicalProbe("humor").features("Some text."))
+    for trait in data.TRAITS:
+        spec = doc["traits"][trait]
+        assert set(spec) == {"positive", "negative", "weights"}, trait
+        for side in ("positive", "negative"):
+            assert set(spec[side]) == {"phrases", "regex"}, (trait, side)
+            phrases = spec[side]["phrases"]
+            assert phrases and all(isinstance(x, str) and x.strip() == x and x for x in phrases), (trait, side)
+            for pattern in spec[side]["regex"]:
+                re.compile(pattern)
+        weights = spec["weights"]
+        assert "bias" in weights and set(weights) - {"bias"} <= features, trait
+        assert all(isinstance(w, float) for w in weights.values()), trait
+    assert data.probe_lexicons() == doc
+    data.probe_lexicons()["traits"].clear()                         # a copy: the cached file is untouched
+    assert tuple(data.probe_lexicons()["traits"]) == data.TRAITS
+
+
 def test_trait_pairs_are_aligned_with_trait_info():
     for trait in data.TRAITS:
         pos, neg = data.trait_pairs(trait)
@@ -110,11 +138,12 @@ def test_loaders_return_copies():
 
 def test_trait_name_is_normalised():
     assert data.trait_pairs(" Formality ") == data.trait_pairs("formality")
+    assert data.check_trait(" Humor ") == "humor"
 
 
 @pytest.mark.parametrize("bad", ["sarcasm", "", "formal", None, 3])
 def test_unknown_trait_names_valid_traits(bad):
-    for fn in (data.trait_pairs, data.trait_info):
+    for fn in (data.trait_pairs, data.trait_info, data.check_trait):
         with pytest.raises(InputError) as info:
             fn(bad)
         for trait in data.TRAITS:
@@ -247,8 +276,8 @@ def test_formality_lexicon():
     # formal openings use no contractions at all
     for p in pos_open:
         assert count(CONTRACTIONS, p) == 0, p
-    informal = lambda t: count(CONTRACTIONS, t) + count(SLANG, t)  # noqa: E731
-    formal = lambda t: count(FORMAL, t)  # noqa: E731
+    informal = lambda t: count(CONTRACTIONS, t) + count(SLANG, t)
+    formal = lambda t: count(FORMAL, t)
     assert _mean([informal(t) for t in neg_open]) > 1.0 > 5 * _mean([informal(t) for t in pos_open])
     assert _mean([formal(t) for t in pos_open]) > 5 * _mean([formal(t) for t in neg_open])
     # per pair, the casual opening is the more informal one in (nearly) every case

@@ -272,6 +272,53 @@ def test_efficacy_zero_denominators_raise():
         S.paper_raw_ratio([1.0], [1.0, -1.0])
 
 
+# ----------------------------------------------------------------------------- study summaries
+
+def test_or_none_turns_undefined_statistics_into_none():
+    const = np.full(10, 0.5)
+    assert S.or_none(S.cohens_d, const, const) is None
+    a, b = rng(60).normal(size=20), rng(61).normal(size=20)
+    assert S.or_none(S.cohens_d, a, b) == S.cohens_d(a, b)
+    with pytest.raises(TypeError):                       # only InputError means "undefined"
+        S.or_none(S.cohens_d, a)
+
+
+def test_correlation_none_for_constant_scores():
+    a = rng(0).normal(0.6, 0.1, 50)
+    assert S.correlation(np.full(10, 0.5), a[:10]) is None
+    assert S.correlation(a, 2 * a + 1) == pytest.approx(1.0)
+    assert S.correlation(a, -a) == pytest.approx(-1.0)
+
+
+@pytest.mark.parametrize("n_a, n_b", [(100, 100), (100, 1000), (30, 60)])
+def test_minimum_detectable_d_matches_statsmodels_power(n_a, n_b):
+    power = pytest.importorskip("statsmodels.stats.power")
+    ref = power.TTestIndPower().solve_power(nobs1=n_a, ratio=n_b / n_a, alpha=0.05, power=0.8)
+    # normal approximation vs the noncentral t: within 2% at these sizes (df >= 88)
+    assert S.minimum_detectable_d(n_a, n_b) == pytest.approx(ref, rel=0.02)
+
+
+def test_equivalence_detects_equal_and_shifted_samples():
+    r = np.random.default_rng(1)
+    x, y = r.normal(0, 1, 4000), r.normal(0, 1, 4000)
+    eq = S.equivalence(x, y)
+    assert eq["equivalent"] and eq["tost_p"] < 0.05 and eq["d_ci95"][0] < eq["d"] < eq["d_ci95"][1]
+    shifted = S.equivalence(x, y + 1.0)
+    assert not shifted["equivalent"] and shifted["d"] == pytest.approx(-1.0, abs=0.1)
+    small = S.equivalence(x[:20], y[:20])      # n = 20: too small to show |d| < 0.2
+    assert not small["equivalent"] and small["minimum_detectable_d"] > 0.8
+    assert S.equivalence(np.ones(5), np.ones(5))["d"] is None
+
+
+def test_mean_ci_and_mean_sd_match_scipy():
+    x = np.random.default_rng(2).normal(3, 2, 25)
+    m, lo, hi = S.mean_ci(x)
+    ref = stats.t.interval(0.95, 24, loc=x.mean(), scale=stats.sem(x))
+    assert m == pytest.approx(x.mean()) and (lo, hi) == pytest.approx(ref)
+    assert S.mean_sd([1.0, None, 3.0]) == {"mean": 2.0, "sd": pytest.approx(np.sqrt(2)), "n": 2}
+    assert S.mean_sd([None]) == {"mean": None, "sd": None, "n": 0}
+
+
 # ----------------------------------------------------------------------------- logit divergences
 
 def softmax(x):

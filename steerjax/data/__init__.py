@@ -1,4 +1,4 @@
-"""Versioned prompt sets shipped with steerjax (JSON files beside this module)."""
+"""Versioned data shipped with steerjax (JSON files beside this module): prompt sets and probe lexicons."""
 
 from __future__ import annotations
 
@@ -21,11 +21,13 @@ def geometry_prompts() -> dict:
     return load_json("geometry_prompts")
 
 
-TRAITS = ("formality", "politeness", "humor")
+# The shipped traits, in traits.json's order (the one list every module and script uses).
+TRAITS: tuple[str, ...] = tuple(load_json("traits")["traits"])
 ENVIRONMENTS = ("in_distribution", "topic_shift", "genre_shift", "safety_style")
 
 
-def _check_trait(trait) -> str:
+def check_trait(trait) -> str:
+    """`trait` stripped and lower-cased if it is one of TRAITS, else InputError naming the valid traits."""
     if not isinstance(trait, str) or trait.strip().lower() not in TRAITS:
         raise InputError(f"unknown trait {trait!r}; valid traits are {', '.join(TRAITS)}")
     return trait.strip().lower()
@@ -34,13 +36,13 @@ def _check_trait(trait) -> str:
 def trait_info(trait: str) -> dict:
     """Metadata and pairs of one trait from traits.json: description, positive_label, negative_label and
     pairs (50 dicts with positive, negative, context). Unknown trait -> InputError. Returns a copy."""
-    return copy.deepcopy(load_json("traits")["traits"][_check_trait(trait)])
+    return copy.deepcopy(load_json("traits")["traits"][check_trait(trait)])
 
 
 def trait_pairs(trait: str) -> tuple[list[str], list[str]]:
     """(positive prompts, negative prompts) of one trait's 50 contrastive pairs, index-aligned, for
     mean-difference extraction: v = mean h(positive) - mean h(negative). Unknown trait -> InputError."""
-    pairs = load_json("traits")["traits"][_check_trait(trait)]["pairs"]
+    pairs = load_json("traits")["traits"][check_trait(trait)]["pairs"]
     return [p["positive"] for p in pairs], [p["negative"] for p in pairs]
 
 
@@ -53,3 +55,10 @@ def environments() -> dict[str, list[str]]:
     """Prompts of the four distribution-shift environments (ENVIRONMENTS order), 25 each."""
     envs = load_json("environments")["environments"]
     return {name: list(envs[name]["prompts"]) for name in ENVIRONMENTS}
+
+
+def probe_lexicons() -> dict:
+    """The LexicalProbe's versioned lexicons from probes.json (a copy): version, description, command_verbs
+    (words that open a bare imperative sentence) and traits: trait -> {"positive": {"phrases", "regex"},
+    "negative": {"phrases", "regex"}, "weights": {"bias", feature: weight, ...}}, one entry per TRAITS."""
+    return copy.deepcopy(load_json("probes"))
