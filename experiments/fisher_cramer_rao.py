@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 import steerjax as sj
-from steerjax import data, fisher, io, spectrum
+from steerjax import data, fisher, fits, io, spectrum, stats
 from steerjax.cli import ArgumentParser, fmt_or_dash, check_trait, run_cli, study_layer
 
 CHECK_KEYS = ("variance_ratio_mean", "variance_ratio_min", "variance_ratio_max", "variance_ratio_sd",
@@ -113,7 +113,7 @@ def gaussian_study(R: np.ndarray, v_star: np.ndarray, args, rng: np.random.Gener
     # L-BFGS from random starts on one data set (the first observation)
     starts = np.stack([np.linalg.norm(v_star) * x / np.linalg.norm(x) for x in rng.standard_normal((args.starts, d))])
     with jax.enable_x64(True):
-        fit = fisher.minimise(least_squares_loss, starts, aux=(jnp.asarray(R), jnp.asarray(Y[0]), sigma),
+        fit = fits.minimise(least_squares_loss, starts, aux=(jnp.asarray(R), jnp.asarray(Y[0]), sigma),
                               steps=args.steps * 5, gtol=1e-12)
         v_gd = np.asarray(fit.v, np.float64)
     rows, per_eps = [], {}
@@ -160,12 +160,12 @@ def categorical_study(z_top, J_top, p_top, args, rng: np.random.Generator, v_sca
     B, K, d = J_top.shape
     eps = min(args.eps)
     split = fisher.factor_splits(fisher.categorical_fisher_factor(J_top, p_top), [eps])[0]
-    counts = fisher.sample_counts(p_top, args.n_tokens, args.replicates, rng)
+    counts = fits.sample_counts(p_top, args.n_tokens, args.replicates, rng)
     starts = rng.standard_normal((args.replicates, d))
     starts *= v_scale / np.linalg.norm(starts, axis=1, keepdims=True)
     with jax.enable_x64(True):
         # gtol 1e-8: stop once the gradient is 1e-8 of its start (far below the MLE's sampling spread)
-        fit = fisher.categorical_mle(fisher.linear_logits, counts, starts, (jnp.asarray(z_top), jnp.asarray(J_top)),
+        fit = fits.categorical_mle(fits.linear_logits, counts, starts, (jnp.asarray(z_top), jnp.asarray(J_top)),
                                      steps=args.steps, gtol=1e-8)
         v, grad_norm = np.asarray(fit.v, np.float64), np.asarray(fit.grad_norm, np.float64)
     bound = fisher.cramer_rao_bound(split) / args.n_tokens
@@ -184,9 +184,6 @@ def categorical_study(z_top, J_top, p_top, args, rng: np.random.Generator, v_sca
 def run(args) -> dict:
     from tqdm import tqdm
 
-    from steerjax.jacobian import unembedding_reduction
-    from steerjax.models import causal_lm
-
     t0 = time.time()
     lm = sj.load_model(args.model)
     layer = study_layer(lm, args.layer)
@@ -200,10 +197,10 @@ def run(args) -> dict:
     t_jac = time.time()
     op = sj.jacobian_operator(lm, batch, layer, observable="logits")
     d_mats = np.asarray(op.normed_tail_jacobian(), np.float64)           # d norm(h_L) / dh_layer, (B, d, d)
-    factors = np.einsum("rd,bde->bre", unembedding_reduction(lm)["R"], d_mats)  # C_i: J_i^T J_i = C_i^T C_i
+    factors = op.factors()                                               # C_i: J_i^T J_i = C_i^T C_i
     logits = np.asarray(op.value(), np.float64)
     t_jac = time.time() - t_jac
-    w_u = np.asarray(causal_lm.unembedding(lm.params), np.float64)
+    w_u = np.asarray(lm.unembedding, np.float64)
     n = len(prompts)
     designs = [(1, factors[0])] + ([(n, list(spectrum.stack_factors(factors))[-1])] if n > 1 else [])
 
@@ -232,10 +229,8 @@ def run(args) -> dict:
 
         top = np.argsort(-logits[:n_used], axis=1)[:, : args.top_k]
         z_top = np.take_along_axis(logits[:n_used], top, axis=1)
-        p_full = np.exp(logits[:n_used] - logits[:n_used].max(axis=1, keepdims=True))
-        p_full /= p_full.sum(axis=1, keepdims=True)
-        p_top = np.exp(z_top - z_top.max(axis=1, keepdims=True))
-        p_top /= p_top.sum(axis=1, keepdims=True)
+        p_full = np.exp(stats.log_softmax(logits[:n_used]))
+        p_top = np.exp(stats.log_softmax(z_top))
         J_top = np.einsum("bkd,bde->bke", w_u[top], d_mats[:n_used])          # rows of J_i for the top-K tokens
         row, curves = categorical_study(z_top, J_top, p_top, args, rng, float(np.linalg.norm(v_star)))
         row["top_k_mass_min"] = float(np.take_along_axis(p_full, top, axis=1).sum(axis=1).min())

@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 
 import steerjax as sj
-from steerjax import data, fisher, io, studies
+from steerjax import data, io, linearization, studies, tail
 from steerjax.cli import ArgumentParser, fmt_or_dash, check_trait, run_cli, study_layer
-from steerjax.jacobian import OBSERVABLES
+from steerjax.tail import OBSERVABLES
 
 DIRECTIONS = ("v", "v+v_null", "v_null", "v_perp")
 
@@ -94,9 +94,9 @@ def run(args) -> dict:
     op = sj.jacobian_operator(lm, batch, layer, observable=args.observable)
     factors = op.factors()
     t_jac = time.time() - t_jac
-    h_norms = np.linalg.norm(np.asarray(op.ctx.h[:, -1], np.float64), axis=1)
+    h_norms = np.linalg.norm(op.steered_states(), axis=1)
     base = np.asarray(op.value(), np.float64)
-    fn = fisher.model_logits_fn(lm.config, args.observable)
+    fn = tail.steered_observable(lm.config, args.observable)
     floor_eps = float(np.finfo(lm.dtype).eps)
 
     result = {
@@ -120,13 +120,13 @@ def run(args) -> dict:
         basis, rel_sv = studies.kernel_basis(factors[i], args.k_smallest)
         v_null = studies.kernel_direction(None, v, rng, basis=basis)
         dirs = {"v": v, "v+v_null": v + v_null, "v_null": v_null, "v_perp": studies.orthogonal_to(v, rng)}
-        aux = fisher.model_aux(op, slice(i, i + 1))
+        aux = op.tail_args(slice(i, i + 1))
         scale = h_norms[i] / np.linalg.norm(v)
         floor = args.noise_factor * floor_eps * float(np.linalg.norm(base[i]))
         jv = np.linalg.norm(factors[i] @ v)
         for name in DIRECTIONS:
             w = dirs[name] * scale
-            resid, lin = fisher.linearization_residuals(fn, jnp.zeros(lm.d, lm.dtype), jnp.asarray(w, lm.dtype),
+            resid, lin = linearization.linearization_residuals(fn, jnp.zeros(lm.d, lm.dtype), jnp.asarray(w, lm.dtype),
                                                         a_values, aux)
             rel = resid / np.maximum(lin, np.finfo(np.float64).tiny)
             row = {"prompt": i, "direction": name, "floor": floor,
@@ -134,7 +134,7 @@ def run(args) -> dict:
                    "kernel_max_rel_singular_value": float(rel_sv.max()),
                    "a_10pct": first_crossing(a_values, rel, 0.1), "a_100pct": first_crossing(a_values, rel, 1.0)}
             try:
-                fit = fisher.fit_loglog_slope(a_values, resid, floor=floor, a_max=args.fit_max)
+                fit = linearization.fit_loglog_slope(a_values, resid, floor=floor, a_max=args.fit_max)
                 row.update(slope=fit.slope, intercept=fit.intercept, n_fit=int(fit.used.sum()),
                            a_fit_min=float(a_values[fit.used].min()), a_fit_max=float(a_values[fit.used].max()))
             except sj.InputError as err:

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 import steerjax as sj
-from steerjax import data, fisher, io, spectrum, studies
+from steerjax import data, fisher, fits, io, spectrum, stats, studies, tail
 from steerjax.cli import ArgumentParser, fmt_or_dash, check_trait, run_cli, study_layer
 
 SPLITS = ("logprobs", "fisher")
@@ -90,7 +90,7 @@ def make_optimizer(args, v_norm: float):
 
     if args.optimizer == "lbfgs":
         if args.linesearch == "zoom":
-            return None                                  # fisher.minimise's default: optax.lbfgs()
+            return None                                  # fits.minimise's default: optax.lbfgs()
         return optax.lbfgs(linesearch=optax.scale_by_backtracking_linesearch(max_backtracking_steps=30,
                                                                              store_grad=True))
     return optax.adam(optax.cosine_decay_schedule(args.lr * v_norm, args.steps, alpha=1e-3))
@@ -98,8 +98,6 @@ def make_optimizer(args, v_norm: float):
 
 def kl_rows(target_logits: np.ndarray, logits: np.ndarray) -> np.ndarray:
     """KL(softmax(target) || softmax(logits)) per row."""
-    from steerjax import stats
-
     return stats.kl_divergence(target_logits, logits)
 
 
@@ -107,32 +105,32 @@ def run(args) -> dict:
     import jax.numpy as jnp
     from tqdm import tqdm
 
-    from steerjax.models import causal_lm
-
     t0 = time.time()
     lm = sj.load_model(args.model)
     layer = study_layer(lm, args.layer)
     all_prompts = data.neutral_eval_prompts()[: args.n_prompts + args.n_heldout]
     prompts, heldout = all_prompts[: args.n_prompts], all_prompts[args.n_prompts:]
-    op = sj.jacobian_operator(lm, lm.tokenize(all_prompts), layer, observable="logprobs")
-    h_norms = np.linalg.norm(np.asarray(op.ctx.h[:, -1], np.float64), axis=1)
+    batch = lm.tokenize(all_prompts)
+    op = sj.jacobian_operator(lm, batch, layer, observable="logprobs")
+    h_norms = np.linalg.norm(op.steered_states(), axis=1)
     pos, neg = data.trait_pairs(args.trait)
     v_dir = np.asarray(sj.extract_vector(lm, pos, neg, layer), np.float64)
     v_star = v_dir / np.linalg.norm(v_dir) * args.v_scale * float(h_norms[: args.n_prompts].mean())
     v_norm = float(np.linalg.norm(v_star))
-    fn = fisher.model_logits_fn(lm.config, "logits")
-    aux_all = fisher.model_aux(op)
+    fn = tail.steered_observable(lm.config, "logits")
+    aux_all = op.tail_args()
     target = np.asarray(fn(jnp.asarray(v_star, lm.dtype), aux_all), np.float64)        # observed (all prompts)
     unsteered = np.asarray(op.value(), np.float64)
 
     print(f"exact J at v* (layer {layer}) for {args.n_prompts} prompts ...", file=sys.stderr)
     t_jac = time.time()
-    aux_obs = fisher.model_aux(op, slice(0, args.n_prompts))
-    d_mats = fisher.normed_jacobians_at(lm, aux_obs, v_star)
-    factors = fisher.factors_at(lm, aux_obs, v_star, "logprobs", d_mats)             # log-prob J_i at v*
-    w_u = np.asarray(causal_lm.unembedding(lm.params), np.float64)
-    p_star = np.exp(target[: args.n_prompts] - target[: args.n_prompts].max(axis=1, keepdims=True))
-    p_star /= p_star.sum(axis=1, keepdims=True)
+    aux_obs = op.tail_args(slice(0, args.n_prompts))
+    observed = sj.TokenBatch(*(np.asarray(x)[: args.n_prompts] for x in batch))
+    op_star = sj.jacobian_operator(lm, observed, layer, observable="logprobs", at=v_star)   # J_i at v*
+    d_mats = np.asarray(op_star.normed_tail_jacobian(), np.float64)
+    factors = op_star.factors()                                                      # log-prob J_i at v*
+    w_u = np.asarray(lm.unembedding, np.float64)
+    p_star = np.exp(stats.log_softmax(target[: args.n_prompts]))
     # square-root factors of the categorical Fisher: sqrt(W_U^T (diag p - p p^T) W_U) D_i
     fisher_factors = [fisher.psd_sqrt(fisher.categorical_fisher(w_u, p)) @ dm for p, dm in zip(p_star, d_mats)]
     t_jac = time.time() - t_jac
@@ -169,7 +167,7 @@ def run(args) -> dict:
         print(f"fitting N = {n}: {args.restarts} starts with {args.optimizer} ...", file=sys.stderr)
         t_fit = time.time()
         weights = np.tile(np.arange(args.n_prompts) < n, (args.restarts, 1))
-        fit = fisher.recover(fn, jnp.asarray(target[: args.n_prompts], lm.dtype), jnp.asarray(starts[n], lm.dtype),
+        fit = fits.recover(fn, jnp.asarray(target[: args.n_prompts], lm.dtype), jnp.asarray(starts[n], lm.dtype),
                              aux_obs, optimizer, args.steps, gtol=args.gtol, weights=weights)
         store.put(f"N={n}", {"v_hat": np.asarray(fit.v, np.float64), "loss": np.asarray(fit.loss, np.float64),
                              "grad_norm": np.asarray(fit.grad_norm, np.float64), "n_steps": np.asarray(fit.n_steps),

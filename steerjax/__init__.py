@@ -6,14 +6,15 @@ from steerjax.model import ForwardOutput, LanguageModel, TokenBatch, load_model
 from steerjax.jacobian import JacobianOperator, jacobian, jacobian_operator
 from steerjax.extraction import extract_vector
 from steerjax.generation import GenerationOutput, generate, generated_texts
-from steerjax.sharding import load_sharded, make_mesh, shard_model
+from steerjax.model import load_sharded, shard_model
+from steerjax.sharding import make_mesh
+from steerjax.version import __version__
 from steerjax.models.config import ModelConfig
 from steerjax.steering import POSITION_MODES, Steer
 
-__version__ = "0.1.0"
 
 __all__ = [
     "ForwardOutput", "extract_vector", "GenerationOutput", "generate", "generated_texts", "InputError", "JacobianOperator", "jacobian", "jacobian_operator", "LanguageModel", "ModelConfig", "ModelNotFoundError", "POSITION_MODES",
     "Steer", "SteeringError", "SteerjaxError", "TokenBatch", "UnsupportedModelError", "WeightError",
-    "load_model", "load_sharded", "make_mesh", "shard_model",
+    "load_model", "load_sharded", "make_mesh", "shard_model", "__version__",
 ]

@@ -9,8 +9,10 @@ generation benchmark prints both rates (benchmarks/generation_throughput.py).
 The C++ source (steerjax/kernels/panel_matmul.cc) is compiled at first use with the system C++ compiler
 (`$CXX`, else g++ / c++; -O3 -march=native) against jaxlib's FFI headers, into a cache folder keyed by
 source, flags, jaxlib version and CPU (`$STEERJAX_KERNEL_CACHE`, else ~/.cache/steerjax/kernels). Without a
-compiler, or with STEERJAX_CPU_KERNELS=0, callers fall back to XLA's own dot (`available()` is False and
-`unavailable_reason()` says why); results agree to float32 rounding either way.
+compiler callers fall back to XLA's own dot (`available()` is False and `unavailable_reason()` says why,
+with one warning); results agree to float32 rounding either way. `build_status()` says whether the library
+compiled, came from the cache or failed (run metadata records it); STEERJAX_DECODE_KERNELS=0 keeps
+`steerjax.generation` from ever building it.
 
 Shapes: L layers, K input width, N output width (a multiple of PANEL), P = N / PANEL panels.
 """
@@ -82,6 +84,7 @@ def build_library() -> Path:
         raise KernelBuildError("no C++ compiler found (set $CXX or install g++)")
     target = library_path(cxx)
     if target.exists():
+        _STATUS["build"] = "loaded from cache"
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as tmp:
@@ -96,20 +99,29 @@ def build_library() -> Path:
         tmp_path.unlink(missing_ok=True)
         raise KernelBuildError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
     os.replace(tmp_path, target)
+    _STATUS["build"] = "compiled"
     return target
+
+
+_STATUS = {"build": "not built"}
+
+
+def build_status() -> str:
+    """"not built" (no generate has needed it), "compiled" (in this process), "loaded from cache", or
+    "unavailable: <reason>"."""
+    return _STATUS["build"]
 
 
 @functools.lru_cache(maxsize=None)
 def _register() -> str | None:
     """Build, load and register the FFI targets once. Returns None on success, else the reason."""
-    if os.environ.get("STEERJAX_CPU_KERNELS", "1") == "0":
-        return "disabled by STEERJAX_CPU_KERNELS=0"
     try:
         library = ctypes.cdll.LoadLibrary(str(build_library()))
         for name, symbol in TARGETS.values():
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
     except (KernelBuildError, OSError, AttributeError) as err:
         warnings.warn(f"steerjax CPU decode kernels unavailable, using XLA's dot instead: {err}", stacklevel=3)
+        _STATUS["build"] = f"unavailable: {err}"
         return str(err)
     return None
 

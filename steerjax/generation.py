@@ -11,6 +11,7 @@ alpha, keys, temperature, top_p): jax.vmap it over alphas or vectors.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -20,12 +21,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from steerjax import cpu_kernels, xla
+from steerjax.checks import check_positive_int
 from steerjax.errors import InputError
 from steerjax.model import LanguageModel, as_token_batch
 from steerjax.models import causal_lm
 from steerjax.models.config import ModelConfig
 from steerjax.models.layers import rope_cos_sin, rope_inv_freq
-from steerjax.steering import Steer, position_mask
+from steerjax.steering import Steer, steer_deltas
+
+log = logging.getLogger("steerjax")
 
 
 class GenerationOutput(NamedTuple):
@@ -136,8 +140,7 @@ def generate_pure(config: ModelConfig, params, ids, attention_mask, steer_layer,
     B, T = ids.shape
     S = T + max_new_tokens
     full_mask = jnp.concatenate([attention_mask, jnp.ones((B, max_new_tokens), attention_mask.dtype)], axis=1)
-    steer_mask = position_mask(mode, T, full_mask)  # (B, S)
-    deltas = alpha * steer_mask[..., None] * vector[None, None, :]  # (B, S, d)
+    deltas = steer_deltas(mode, T, full_mask, vector, alpha)  # (B, S, d)
 
     hidden, keys_cache, values_cache, _, _ = causal_lm.forward_with_cache(config, params, ids, attention_mask,
                                                                           steer_layer, deltas[:, :T])
@@ -171,31 +174,37 @@ def jitted_generate(config: ModelConfig, max_new_tokens: int, mode: str, eos_ids
                                      eos_ids=eos_ids, pad_id=pad_id, return_logits=return_logits))
 
 
-def decode_panels_key(lm: LanguageModel) -> tuple:
-    """lm.cache key of the packed weights: the identities of lm.params' leaves (new weights, new panels)."""
-    return ("decode_panels", tuple(id(leaf) for leaf in jax.tree.leaves(lm.params)))
+DECODE_PANELS = "decode_panels"
+
+
+def decode_panel_sources(lm: LanguageModel) -> list:
+    """The arrays the packed copy is derived from: every leaf of lm.params (new weights, new panels)."""
+    return jax.tree.leaves(lm.params)
 
 
 def has_decode_panels(lm: LanguageModel) -> bool:
-    return decode_panels_key(lm) in lm.cache
+    return lm.cache.holds(DECODE_PANELS, decode_panel_sources(lm))
 
 
 def drop_decode_panels(lm: LanguageModel) -> None:
-    """Free every packed copy held in lm.cache (the next kernel `generate` packs again)."""
-    for key in [k for k in lm.cache if isinstance(k, tuple) and k[:1] == ("decode_panels",)]:
-        del lm.cache[key]
+    """Free the packed copy held in lm.cache (the next kernel `generate` packs again)."""
+    lm.cache.drop(DECODE_PANELS)
 
 
 def decode_panels(lm: LanguageModel) -> dict:
     """lm's weights packed for the CPU decode kernels (`pack_decode_weights`), computed once per set of
     weights and kept in lm.cache: one more copy of the linear and unembedding weights while lm.params stays
     the same, so that no `generate` call repacks them (a jitted repack of SmolLM2 took 0.5 s, a third of
-    an 8 x 32 call). Assigning new weights to lm.params drops the old copy at the next call."""
-    key = decode_panels_key(lm)
-    if key not in lm.cache:
-        drop_decode_panels(lm)
-        lm.cache[key] = jax.block_until_ready(xla.jit(pack_decode_weights)(lm.params))
-    return lm.cache[key]
+    an 8 x 32 call). A model with other weights (`lm.replace(params=...)`) packs its own; the size of a new
+    copy is logged once per model (logger "steerjax", level INFO)."""
+    def pack():
+        panels = jax.block_until_ready(xla.jit(pack_decode_weights)(lm.params))
+        size = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(panels))
+        log.info("steerjax: packed %s's weights for the CPU decode kernels: %.1f MB (kept with the model)",
+                 lm.source, size / 1e6)
+        return panels
+
+    return lm.cache.get(DECODE_PANELS, decode_panel_sources(lm), pack)
 
 
 PANEL_MEMORY_FRACTION = 0.25  # largest share of physical memory the packed copy may take by default
@@ -231,14 +240,62 @@ def decode_kernels_possible(lm: LanguageModel) -> bool:
     return lm.mesh is None and on_cpu and lm.dtype.name in cpu_kernels.TARGETS
 
 
+DECODE_KERNELS_ENV = "STEERJAX_DECODE_KERNELS"
+DECODE_PATHS = ("cpu_kernel", "xla_dot")
+
+
+def decode_kernels_setting() -> bool | None:
+    """The decode-path switch in the environment: STEERJAX_DECODE_KERNELS=0 -> False (XLA's dot, the kernels
+    are never built), 1 -> True (the CPU kernels; an error where they cannot run), unset or "auto" -> None
+    (`decode_kernels_apply`)."""
+    raw = os.environ.get(DECODE_KERNELS_ENV, "auto").strip().lower()
+    if raw in ("", "auto"):
+        return None
+    if raw not in ("0", "1"):
+        raise InputError(f"{DECODE_KERNELS_ENV}={raw!r} is not a setting; use 0 (XLA's dot), 1 (CPU kernels) or auto")
+    return raw == "1"
+
+
+def decode_path(lm: LanguageModel, decode_kernels: bool | None = None) -> str:
+    """"cpu_kernel" or "xla_dot": the path `generate(lm, decode_kernels=...)` runs its decode products on.
+    The argument wins over STEERJAX_DECODE_KERNELS, which wins over the automatic choice."""
+    choice = decode_kernels_setting() if decode_kernels is None else bool(decode_kernels)
+    if choice is None:
+        return DECODE_PATHS[0] if decode_kernels_apply(lm) else DECODE_PATHS[1]
+    if choice and not (decode_kernels_possible(lm) and cpu_kernels.available()):
+        raise InputError("the CPU decode kernels (decode_kernels=True or STEERJAX_DECODE_KERNELS=1) need an unsharded "
+                         f"float32 / bfloat16 model on the CPU backend and built kernels (model: {lm.dtype.name}, "
+                         f"sharded: {lm.mesh is not None}, kernels: {cpu_kernels.unavailable_reason() or 'built'})")
+    return DECODE_PATHS[0] if choice else DECODE_PATHS[1]
+
+
+class DecodeRecord:
+    """What this process's `generate` calls ran: calls per decode path, the STEERJAX_DECODE_KERNELS setting and
+    whether the CPU kernels compiled. Result files hold it in their run metadata (`steerjax.io.run_metadata`);
+    `to_json()` is read when the file is written, so it says what ran up to then."""
+
+    def __init__(self):
+        self.calls = dict.fromkeys(DECODE_PATHS, 0)
+
+    def add(self, path: str) -> None:
+        self.calls[path] += 1
+
+    def to_json(self) -> dict:
+        paths = [p for p in DECODE_PATHS if self.calls[p]]
+        return {"paths_run": paths or None, "generate_calls": dict(self.calls),
+                "setting": os.environ.get(DECODE_KERNELS_ENV, "auto"), "cpu_kernels": cpu_kernels.build_status()}
+
+
+DECODE_RECORD = DecodeRecord()
+
+
 def row_keys(seed: int, batch: int):
     """Independent PRNG keys (B, 2), one per row."""
     return jax.random.split(jax.random.PRNGKey(seed), batch)
 
 
 def _check_sampling(max_new_tokens, temperature, top_p):
-    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-        raise InputError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    check_positive_int(max_new_tokens, "max_new_tokens")
     if not np.isfinite(temperature) or temperature < 0:
         raise InputError(f"temperature must be finite and >= 0 (0 = greedy), got {temperature}")
     if not 0 < top_p <= 1:
@@ -257,8 +314,8 @@ def generate(lm: LanguageModel, ids, steer: Steer | None = None, max_new_tokens:
     """Generate max_new_tokens per row (temperature 0 = greedy) with optional steering.
     ids: TokenBatch, (T,), (B, T) or ragged lists (left-padded).
     decode_kernels: run decode steps' weight products in steerjax's CPU kernels over a packed copy of the
-    weights kept in lm.cache (None: wherever `decode_kernels_apply(lm)`; True: also past the memory share;
-    False: XLA's dot everywhere)."""
+    weights kept in lm.cache (None: STEERJAX_DECODE_KERNELS=0/1 if set, else wherever `decode_kernels_apply(lm)`;
+    True: also past the memory share; False: XLA's dot everywhere). `DECODE_RECORD` counts the path taken."""
     _check_sampling(max_new_tokens, temperature, top_p)
     batch = as_token_batch(ids, attention_mask)
     lm.check_ids(batch)
@@ -271,14 +328,11 @@ def generate(lm: LanguageModel, ids, steer: Steer | None = None, max_new_tokens:
     else:
         steer.check_for(lm.config)
         layer, vector, alpha, mode = steer.layer, steer.vector, steer.alpha, steer.positions
-    use_kernels = decode_kernels_apply(lm) if decode_kernels is None else bool(decode_kernels)
-    if decode_kernels and not (decode_kernels_possible(lm) and cpu_kernels.available()):
-        raise InputError("decode_kernels=True needs an unsharded float32 / bfloat16 model on the CPU backend and "
-                         f"built kernels (model: {lm.dtype.name}, sharded: {lm.mesh is not None}, kernels: "
-                         f"{cpu_kernels.unavailable_reason() or 'built'})")
+    path = decode_path(lm, decode_kernels)
     fn = jitted_generate(lm.config, int(max_new_tokens), mode, eos_tuple(lm.config) if stop_at_eos else (),
                          lm.pad_id, bool(return_logits))
-    panels = decode_panels(lm) if use_kernels else None
+    panels = decode_panels(lm) if path == "cpu_kernel" else None
+    DECODE_RECORD.add(path)
     tokens, mask, logits = fn(lm.params, lm.to_device(batch.ids), lm.to_device(batch.attention_mask), jnp.int32(layer),
                               jnp.asarray(vector, lm.dtype), jnp.asarray(alpha, lm.dtype),
                               lm.to_device(row_keys(seed, B)), jnp.float32(temperature), jnp.float32(top_p), panels)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import os
 import platform
@@ -12,11 +14,19 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import flax
+import jax
 import numpy as np
+
+from steerjax.errors import InputError
+from steerjax.generation import DECODE_RECORD
+from steerjax.version import __version__
 
 
 def to_jsonable(obj: Any) -> Any:
     """numpy / jax scalars and arrays -> plain Python for json."""
+    if hasattr(obj, "to_json"):  # a live record (e.g. generation.DECODE_RECORD), read when the file is written
+        return to_jsonable(obj.to_json())
     if isinstance(obj, dict):
         return {str(k): to_jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -85,17 +95,15 @@ def _cached_sha256(path: str) -> str:
 
 def run_metadata(lm=None, seeds: Any = None) -> dict[str, Any]:
     """Versions and environment recorded with every result file; with `lm`, the model's identity
-    (`model_identity`), and the run's seeds when given."""
-    import flax
-    import jax
-
-    import steerjax
+    (`model_identity`), and the run's seeds when given. "decode" is `generation.DECODE_RECORD`: which decode
+    path (CPU kernel or XLA dot) the run's generations took and whether the kernel compiled, as of the write."""
 
     meta = {
-        "steerjax": steerjax.__version__, "jax": jax.__version__, "flax": flax.__version__,
+        "steerjax": __version__, "jax": jax.__version__, "flax": flax.__version__,
         "numpy": np.__version__, "python": sys.version.split()[0], "platform": platform.platform(),
         "backend": jax.default_backend(), "x64": bool(jax.config.jax_enable_x64),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "argv": sys.argv,
+        "decode": DECODE_RECORD,
     }
     if lm is not None:
         meta["model"] = model_identity(lm)
@@ -133,8 +141,6 @@ class UnitStore:
     skipped); different settings raise unless `fresh`, so finished work is never silently overwritten."""
 
     def __init__(self, path: str | os.PathLike, settings: Any, fresh: bool = False, meta: Any = None):
-        from steerjax.errors import InputError
-
         self.path = Path(path)
         self.settings = _normalised(settings)
         self.meta = meta
@@ -161,12 +167,9 @@ class UnitStore:
 
 def write_csv(rows: list[dict], path: str | os.PathLike) -> None:
     """Rows (dicts with the same keys) as a CSV file with a header, written atomically."""
-    import csv
-    import io as _io
-
     if not rows:
         raise ValueError("write_csv needs at least one row")
-    buf = _io.StringIO()
+    buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)

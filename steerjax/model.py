@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,8 @@ from steerjax.errors import InputError, SteerjaxError
 from steerjax.models import causal_lm
 from steerjax.models.config import ModelConfig
 from steerjax.models.loading import params_from_hf_state, read_gguf, read_hf_folder, resolve_spec, safetensors_files
-from steerjax.steering import Steer, position_mask, steer_delta
+from steerjax.sharding import shard_batch, shard_params
+from steerjax.steering import Steer, lower_steer
 
 DTYPES = {"float32": jnp.float32, "float64": jnp.float64, "bfloat16": jnp.bfloat16}
 
@@ -70,18 +72,58 @@ def as_token_batch(ids, attention_mask=None) -> TokenBatch:
     return TokenBatch(ids.astype(np.int32), mask.astype(np.int32))
 
 
-@dataclasses.dataclass
+class DerivedCache:
+    """Values derived from a model's weights (the unembedding QR, packed decode weights), one entry per name,
+    each stored with the very arrays it was derived from and returned only while those objects are the ones
+    asked about. The entry holds them by reference, so their ids cannot be reused while it lives (an id-keyed
+    cache can hand stale data to new arrays that reuse a freed id); a new set of sources replaces the entry."""
+
+    def __init__(self):
+        self._entries: dict[str, tuple[tuple, Any]] = {}
+
+    def holds(self, name: str, sources: Sequence) -> bool:
+        """Whether `name` is cached for exactly these source objects."""
+        entry = self._entries.get(name)
+        return entry is not None and len(entry[0]) == len(sources) and all(a is b for a, b in zip(entry[0], sources))
+
+    def get(self, name: str, sources: Sequence, compute: Callable[[], Any]) -> Any:
+        """The cached value of `name` for `sources`, else compute() (the previous entry is freed first)."""
+        if not self.holds(name, sources):
+            self.drop(name)
+            self._entries[name] = (tuple(sources), compute())
+        return self._entries[name][1]
+
+    def drop(self, name: str) -> None:
+        self._entries.pop(name, None)
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class LanguageModel:
-    """A Llama/Qwen2 causal LM: config, parameter pytree (see models/causal_lm.py) and tokenizer."""
+    """A Llama/Qwen2 causal LM: config, parameter pytree (see models/causal_lm.py) and tokenizer.
+
+    Immutable: `lm.replace(params=...)` returns a new model with fresh derived caches; never assign fields.
+    `cache` holds data derived from the weights (`DerivedCache`)."""
 
     config: ModelConfig
     params: dict
     source: str
-    tokenizer_loader: Any = None
-    _tokenizer: Any = dataclasses.field(default=None, repr=False)
-    cache: dict = dataclasses.field(default_factory=dict, repr=False)  # per-model derived data (e.g. W_U QR)
-    mesh: Any = None  # jax.sharding.Mesh when params are sharded (steerjax.sharding.shard_model)
+    tokenizer_loader: Any = None  # () -> tokenizer, called once (shared by models made with `replace`)
+    mesh: Any = None  # jax.sharding.Mesh when params are sharded (steerjax.model.shard_model)
     weight_files: tuple[str, ...] = ()  # the files the weights were read from (config.json + safetensors, or a .gguf)
+    cache: DerivedCache = dataclasses.field(default_factory=DerivedCache, repr=False)
+
+    def __post_init__(self):
+        if self.tokenizer_loader is not None and not hasattr(self.tokenizer_loader, "cache_info"):
+            object.__setattr__(self, "tokenizer_loader", functools.lru_cache(maxsize=1)(self.tokenizer_loader))
+
+    def replace(self, **changes) -> "LanguageModel":
+        """A new LanguageModel with `changes` (params=, mesh=, ...) and a fresh, empty derived cache."""
+        if "cache" in changes:
+            raise InputError("replace() gives the new model a fresh cache; do not pass cache=")
+        return dataclasses.replace(self, cache=DerivedCache(), **changes)
 
     @property
     def num_layers(self) -> int:
@@ -96,12 +138,15 @@ class LanguageModel:
         return self.params["embed"].dtype
 
     @property
+    def unembedding(self) -> jax.Array:
+        """W_U (V, d): lm_head, or the input embedding when tied."""
+        return causal_lm.unembedding(self.params)
+
+    @property
     def tokenizer(self):
-        if self._tokenizer is None:
-            if self.tokenizer_loader is None:
-                raise InputError(f"model {self.source} has no tokenizer files; pass token ids instead of text")
-            self._tokenizer = self.tokenizer_loader()
-        return self._tokenizer
+        if self.tokenizer_loader is None:
+            raise InputError(f"model {self.source} has no tokenizer files; pass token ids instead of text")
+        return self.tokenizer_loader()
 
     @property
     def pad_id(self) -> int:
@@ -143,11 +188,7 @@ class LanguageModel:
     def to_device(self, x):
         """An array with a leading prompt axis on device: split over the mesh's 'data' axis for a sharded
         model (steerjax.sharding.shard_batch), else on the default device."""
-        if self.mesh is None:
-            return jnp.asarray(x)
-        from steerjax.sharding import shard_batch
-
-        return shard_batch(x, self.mesh)
+        return jnp.asarray(x) if self.mesh is None else shard_batch(x, self.mesh)
 
     def check_ids(self, batch: TokenBatch) -> None:
         ids = np.asarray(batch.ids)
@@ -159,29 +200,25 @@ class LanguageModel:
                              f"{self.config.max_position_embeddings}")
 
     def forward(self, ids, steer: Steer | None = None, attention_mask=None,
-                return_hidden: bool = False, prompt_len: int | None = None) -> ForwardOutput:
+                return_hidden: bool = False, prompt_len: int | None = None, last_only: bool = False) -> ForwardOutput:
         """Run the model on ids ((T,), (B, T), ragged lists or a TokenBatch), optionally steered.
         prompt_len: where the prompt ends, for sequences that include generated tokens (default: all of T
-        is prompt); it decides which slots the steering position modes cover.
+        is prompt); it decides which slots the steering position modes cover. last_only: logits of the last
+        position only, (B, 1, V) (no (B, T, V) array is formed).
         Returns ForwardOutput(logits (B, T, V), hidden list of L + 1 arrays (B, T, d) or None)."""
         batch = as_token_batch(ids, attention_mask)
         self.check_ids(batch)
-        layer, delta = self.steer_inputs(steer, batch, prompt_len)
-        fn = causal_lm.jitted_forward(self.config, bool(return_hidden))
+        layer, delta = lower_steer(steer, self.config, batch.attention_mask, prompt_len, self.dtype)
+        fn = causal_lm.jitted_forward(self.config, bool(return_hidden), bool(last_only))
         logits, hidden = fn(self.params, self.to_device(batch.ids), self.to_device(batch.attention_mask), layer,
                             self.to_device(delta))
         return ForwardOutput(logits, list(hidden) if return_hidden else None)
 
-    def steer_inputs(self, steer: Steer | None, batch: TokenBatch, prompt_len: int | None = None):
-        """(layer, delta (B, T, d)) for the jitted forward; layer -1 means no steering."""
-        B, T = np.shape(batch.ids)
-        if steer is None:
-            return jnp.int32(-1), jnp.zeros((B, T, self.d), self.dtype)
-        steer.check_for(self.config)
-        mask = position_mask(steer.positions, T if prompt_len is None else prompt_len,
-                             jnp.asarray(batch.attention_mask))
-        delta = steer_delta(jnp.asarray(steer.vector, self.dtype), steer.alpha, mask).astype(self.dtype)
-        return jnp.int32(steer.layer), delta
+    def shard(self, mesh) -> "LanguageModel":
+        """This model with params placed on `mesh` (`steerjax.sharding.param_shardings`); its forward /
+        Jacobian / generation calls split batches over 'data'. Results equal the unsharded model's up to float
+        reduction order."""
+        return self.replace(params=shard_params(self.params, mesh, self.config), mesh=mesh)
 
 
 def _dtype(dtype: str | Any):
@@ -204,11 +241,11 @@ def load_model(spec: str | os.PathLike | None = None, dtype: str = "float32", ca
     kind, path = resolve_spec(spec, cache_dir)
     if kind == "gguf":
         config, state = read_gguf(path)
-        tokenizer_loader = lambda: _gguf_tokenizer(path)  # noqa: E731
+        tokenizer_loader = functools.partial(_gguf_tokenizer, path)
         files = (path,)
     else:
         config, state = read_hf_folder(path)
-        tokenizer_loader = (lambda: _hf_tokenizer(path)) if _has_tokenizer(path) else None
+        tokenizer_loader = functools.partial(_hf_tokenizer, path) if _has_tokenizer(path) else None
         files = (path / "config.json", *safetensors_files(path))
     params = params_from_hf_state(config, state, jdtype)
     return LanguageModel(config, params, source=str(spec if spec is not None else path),
@@ -229,3 +266,16 @@ def _gguf_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+
+
+def shard_model(lm: LanguageModel, mesh) -> LanguageModel:
+    """`lm.shard(mesh)`: a LanguageModel with params sharded over `mesh` (see steerjax.sharding)."""
+    return lm.shard(mesh)
+
+
+def load_sharded(spec, mesh, dtype: str = "bfloat16", cache_dir=None) -> LanguageModel:
+    """load_model onto host memory (the CPU device), then place every parameter on the mesh: no single
+    accelerator ever holds the whole model. Peak host memory is about twice the checkpoint."""
+    with jax.default_device(jax.devices("cpu")[0]):
+        lm = load_model(spec, dtype=dtype, cache_dir=cache_dir)
+    return lm.shard(mesh)

@@ -2,8 +2,8 @@
 
 Nothing here changes the model code: parameters and batches are placed with `NamedSharding`s, and every
 jitted function (forward, Jacobian products, Lanczos, generation) is partitioned by XLA's sharding
-propagation. `shard_model(lm, mesh)` returns a LanguageModel whose params live on the mesh and whose
-batches are split over 'data', so the whole public API runs sharded unchanged.
+propagation. `steerjax.model.shard_model(lm, mesh)` (`lm.shard(mesh)`) returns a LanguageModel whose params live on the
+mesh and whose batches are split over 'data', so the whole public API runs sharded unchanged.
 
 Layout (m = size of the 'model' axis; Megatron-style tensor parallelism: column-parallel projections into a
 sublayer, row-parallel out of it, so each attention and MLP sublayer ends in one all-reduce):
@@ -25,7 +25,6 @@ Rule for any other non-divisible dimension: replicate it (correct everywhere, on
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import jax
@@ -34,7 +33,6 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from steerjax.errors import InputError
-from steerjax.model import LanguageModel, load_model
 from steerjax.models.config import ModelConfig
 
 AXES = ("data", "model")
@@ -123,21 +121,7 @@ def shard_batch(batch, mesh: Mesh):
     return jax.tree.map(lambda x: jax.device_put(x, batch_sharding(np.shape(x), mesh)), batch)
 
 
-def shard_model(lm: LanguageModel, mesh: Mesh) -> LanguageModel:
-    """A LanguageModel with params sharded over `mesh`; its forward / Jacobian / generation calls split
-    batches over 'data'. Results equal the unsharded model's up to float reduction order."""
-    return dataclasses.replace(lm, params=shard_params(lm.params, mesh, lm.config), mesh=mesh, cache={})
-
-
-def load_sharded(spec, mesh: Mesh, dtype: str = "bfloat16", cache_dir=None) -> LanguageModel:
-    """load_model onto host memory (the CPU device), then place every parameter on the mesh: no single
-    accelerator ever holds the whole model. Peak host memory is about twice the checkpoint."""
-    with jax.default_device(jax.devices("cpu")[0]):
-        lm = load_model(spec, dtype=dtype, cache_dir=cache_dir)
-    return shard_model(lm, mesh)
-
-
-def describe(lm: LanguageModel) -> list[dict[str, Any]]:
+def describe(lm) -> list[dict[str, Any]]:
     """Per-parameter placement: path, global shape, per-device shard shape, spec and bytes per device."""
     rows = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(lm.params)[0]:

@@ -8,11 +8,13 @@ float64 (d,) arrays with exactly ||v|| (to float64 rounding), and raise `InputEr
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import numpy as np
 
+from steerjax.checks import check_int, check_positive_int
 from steerjax.errors import InputError, SteeringError
+from steerjax.model import LanguageModel, TokenBatch, as_token_batch
+from steerjax.steering import Steer
 
 PROTOCOLS = ("paper", "corrected")
 
@@ -62,8 +64,7 @@ class StudyProtocol:
 def protocol_layers(protocol: StudyProtocol, num_layers: int, read_layer: int | None = None) -> tuple[int, int]:
     """(read_layer, steer_layer) for a model with `num_layers` blocks. read_layer defaults to L // 2;
     steer_layer = read_layer + protocol.steer_offset, which must stay in [0, L]."""
-    if isinstance(num_layers, bool) or not isinstance(num_layers, (int, np.integer)) or num_layers < 1:
-        raise InputError(f"num_layers must be a positive int, got {num_layers!r}")
+    check_positive_int(num_layers, "num_layers")
     read = num_layers // 2 if read_layer is None else int(read_layer)
     steer = read + protocol.steer_offset
     if not (0 <= read <= num_layers and 0 <= steer <= num_layers):
@@ -122,8 +123,7 @@ def kernel_basis(factor, k_smallest: int) -> tuple[np.ndarray, np.ndarray]:
     if factor.ndim != 2:
         raise InputError(f"factor must be a 2-D (r, d) matrix, got shape {factor.shape}")
     d = factor.shape[1]
-    if isinstance(k_smallest, bool) or not isinstance(k_smallest, (int, np.integer)) or not 1 <= k_smallest < d:
-        raise InputError(f"k_smallest must be an int in [1, {d - 1}], got {k_smallest!r}")
+    check_int(k_smallest, "k_smallest", 1, d - 1)
     _, s, vt = np.linalg.svd(factor, full_matrices=True)
     s_full = np.zeros(d)
     s_full[: s.size] = s
@@ -156,55 +156,19 @@ def kernel_direction(factor, v, rng: np.random.Generator, k_smallest: int = 32,
 
 # ----------------------------------------------------------------------------- steered forwards
 
-@functools.lru_cache(maxsize=None)
-def _last_logits_fn(config):
-    from steerjax import xla
-    from steerjax.models import causal_lm
-
-    def fn(params, ids, mask, layer, delta):
-        h, cos, sin, cmask = causal_lm.embed_inputs(config, params, ids, mask)
-        h_final, _, _, _ = causal_lm.run_blocks(config, params, h, cos, sin, cmask, layer, delta.astype(h.dtype))
-        return causal_lm.logits_from_final_hidden(config, params, h_final[:, -1:])[:, 0]
-
-    return xla.jit(fn)
-
-
-def steered_last_logits(lm, batch, layer: int | None, vectors=None, alpha: float = 1.0) -> np.ndarray:
+def steered_last_logits(lm: LanguageModel, batch, layer: int | None, vectors=None, alpha: float = 1.0) -> np.ndarray:
     """Last-position logits (B, V) float64 of a left-padded batch, steering `alpha * vectors[b]` into
     h_layer at the last prompt token of row b (positions="last"); `vectors` (d,) is shared by every row,
-    (B, d) gives one vector per row. layer None (or vectors None) runs unsteered. Same computation as
-    `lm.forward(batch, steer=Steer(layer, v, alpha, "last")).logits[:, -1]` (its jitted blocks), without
-    materialising (B, T, V) logits."""
-    import jax.numpy as jnp
-
-    from steerjax.model import as_token_batch
-    from steerjax.steering import Steer, position_mask
-
-    batch = as_token_batch(batch)
-    lm.check_ids(batch)
-    B, T = np.shape(batch.ids)
-    if layer is None or vectors is None:
-        layer_arr, delta = jnp.int32(-1), jnp.zeros((B, T, lm.d), lm.dtype)
-    else:
-        vectors = np.asarray(vectors, np.float64)
-        if vectors.ndim == 1:
-            vectors = np.broadcast_to(vectors, (B, vectors.size))
-        if vectors.shape != (B, lm.d):
-            raise SteeringError(f"steering vectors must be ({lm.d},) or ({B}, {lm.d}), got {vectors.shape}")
-        Steer(int(layer), vectors[0], alpha, "last").check_for(lm.config)  # validates layer / alpha / shape
-        if not np.all(np.isfinite(vectors)):
-            raise SteeringError("steering vectors have NaN/inf entries")
-        mask = position_mask("last", T, jnp.asarray(batch.attention_mask))
-        delta = (float(alpha) * mask[..., None] * jnp.asarray(vectors, lm.dtype)[:, None, :]).astype(lm.dtype)
-        layer_arr = jnp.int32(layer)
-    out = _last_logits_fn(lm.config)(lm.params, jnp.asarray(batch.ids), jnp.asarray(batch.attention_mask),
-                                     layer_arr, delta)
-    return np.asarray(out, np.float64)
+    (B, d) gives one vector per row. layer None (or vectors None) runs unsteered. `lm.forward` with
+    last_only=True: no (B, T, V) logits are formed."""
+    steer = None
+    if layer is not None and vectors is not None:
+        steer = Steer(layer, np.asarray(vectors, np.float64), alpha, "last")
+    out = lm.forward(batch, steer=steer, last_only=True)
+    return np.asarray(out.logits[:, 0], np.float64)
 
 
-def tile_batch(batch, times: int):
+def tile_batch(batch, times: int) -> TokenBatch:
     """A TokenBatch repeated `times` times along the batch axis (row b of copy s is row s * B + b)."""
-    from steerjax.model import TokenBatch, as_token_batch
-
     batch = as_token_batch(batch)
     return TokenBatch(np.tile(np.asarray(batch.ids), (times, 1)), np.tile(np.asarray(batch.attention_mask), (times, 1)))

@@ -9,6 +9,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import jax
 import numpy as np
 import pytest
 
@@ -110,3 +111,34 @@ def rel_err(a, b) -> float:
 
 def random_ids(rng, batch: int, length: int, vocab: int = TINY_VOCAB):
     return rng.integers(1, vocab, size=(batch, length)).astype(np.int32)
+
+
+# ----------------------------------------------------------------------------- small exact models (fisher, fits)
+
+@pytest.fixture
+def x64():
+    with jax.enable_x64(True):
+        yield
+
+
+def low_rank(rng, rows: int, d: int, rank: int, spread: float = 10.0) -> np.ndarray:
+    """rows x d matrix of exact rank `rank`, singular values spread over `spread`."""
+    u, _ = np.linalg.qr(rng.normal(size=(rows, rank)))
+    w, _ = np.linalg.qr(rng.normal(size=(d, rank)))
+    return (u * np.geomspace(spread, 1.0, rank)) @ w.T
+
+
+def null_of(J: np.ndarray) -> np.ndarray:
+    """Orthonormal basis (d, k) of ker(J) by SVD (an independent route from fisher.spectral_split)."""
+    _, s, vt = np.linalg.svd(J)
+    rank = int(np.sum(s > 1e-10 * s[0]))
+    return vt[rank:].T
+
+
+def gaussian_setup(seed: int = 2, n: int = 20000):
+    rng = np.random.default_rng(seed)
+    V, d, rank, sigma = 12, 8, 5, 0.3
+    J = low_rank(rng, V, d, rank)
+    v_true = rng.normal(size=d)
+    obs = J @ v_true + sigma * rng.normal(size=(n, V))
+    return rng, J, v_true, obs, sigma

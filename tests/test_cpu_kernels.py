@@ -10,6 +10,8 @@ errors of the order of |x| @ |w| itself.
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import os
 import subprocess
 import sys
@@ -26,6 +28,11 @@ from steerjax import cpu_kernels, generation
 from steerjax.errors import InputError
 
 EPS32 = float(np.finfo(np.float32).eps)
+# every test that runs the kernels themselves; on a machine without a C++ compiler they skip and the fallback
+# tests below (compiler hidden from PATH, failing compiler, STEERJAX_DECODE_KERNELS=0) still run
+needs_compiler = pytest.mark.skipif(cpu_kernels.compiler() is None,
+                                    reason="no C++ compiler ($CXX, g++ or c++): the CPU decode kernels cannot be "
+                                           "built here; generation falls back to XLA's dot (tested without one)")
 
 
 def assert_product_close(y, x, w):
@@ -36,8 +43,9 @@ def assert_product_close(y, x, w):
     assert np.all(err <= bound), f"max err / bound {np.max(err / bound):.2f}"
 
 
+@needs_compiler
 def test_kernels_build_on_this_machine():
-    """CI machines have a C++ compiler: a failed build here is a bug, not a fallback to accept silently."""
+    """Where a C++ compiler exists, a failed build is a bug, not a fallback to accept silently."""
     assert cpu_kernels.available(), cpu_kernels.unavailable_reason()
 
 
@@ -58,6 +66,7 @@ def test_pack_panels_layout():
     assert not cpu_kernels.supports(np.zeros((4, 16), np.float64))
 
 
+@needs_compiler
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("M,K,N", [(8, 96, 64), (1, 37, 8), (3, 200, 40), (13, 64, 24), (16, 7, 16)])
 def test_panel_matmul_matches_float64(dtype, M, K, N):
@@ -73,6 +82,7 @@ def test_panel_matmul_matches_float64(dtype, M, K, N):
         assert_product_close(y, x, np.asarray(w[layer], np.float32))  # bf16 widens exactly
 
 
+@needs_compiler
 def test_panel_matmul_threads_large_products_and_traced_layers():
     """Shapes past the kernel's threading threshold, with the layer a scan counter (as in decoding)."""
     rng = np.random.default_rng(1)
@@ -84,6 +94,7 @@ def test_panel_matmul_threads_large_products_and_traced_layers():
         assert_product_close(ys[layer], x, w[layer])
 
 
+@needs_compiler
 def test_panel_matmul_under_vmap_and_leading_axes():
     rng = np.random.default_rng(2)
     x = rng.standard_normal((4, 2, 3, 16)).astype(np.float32)
@@ -96,12 +107,14 @@ def test_panel_matmul_under_vmap_and_leading_axes():
     np.testing.assert_array_equal(np.asarray(mapped), np.asarray(direct))
 
 
+@needs_compiler
 def test_panel_matmul_empty_operands():
     """K = 0 gives zeros (empty sums), M = 0 an empty result."""
     assert np.all(np.asarray(cpu_kernels.panel_matmul(jnp.ones((2, 0)), jnp.ones((1, 3, 0, 8)), 0)) == 0)
     assert cpu_kernels.panel_matmul(jnp.ones((0, 4)), jnp.ones((1, 1, 4, 8)), 0).shape == (0, 8)
 
 
+@needs_compiler
 def test_panel_matmul_bad_input():
     panels = cpu_kernels.pack_panels(jnp.ones((2, 16, 8)))
     with pytest.raises(ValueError, match="width 12, the panels expect K = 16"):
@@ -128,24 +141,31 @@ def run_python(code: str, **env) -> subprocess.CompletedProcess:
 
 
 FALLBACK_CHECK = """
-    import warnings, jax.numpy as jnp, numpy as np
+    import json, warnings, jax.numpy as jnp, numpy as np
     import steerjax as sj
-    from steerjax import cpu_kernels, generation
+    from steerjax import cpu_kernels, generation, io
     from steerjax.errors import InputError
+    lm = sj.load_model({folder!r})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        reason = cpu_kernels.unavailable_reason()
-    print("REASON", reason)
-    print("WARNED", any("unavailable" in str(w.message) for w in caught))
-    lm = sj.load_model({folder!r})
-    print("APPLY", generation.decode_kernels_apply(lm))
-    out = sj.generate(lm, [[1, 2, 3]], max_new_tokens=3)
-    print("TOKENS", out.tokens.shape)
+        print("PATH", generation.decode_path(lm))
+        out = sj.generate(lm, [[1, 2, 3]], max_new_tokens=3)
+        again = sj.generate(lm, [[4, 5, 6]], max_new_tokens=3)
+    print("WARNINGS", sum("unavailable" in str(w.message) for w in caught))
+    plain = sj.generate(lm, [[1, 2, 3]], max_new_tokens=3, decode_kernels=False)
+    print("SAME", bool(np.array_equal(out.tokens, plain.tokens)), out.tokens.shape)
+    print("META", json.dumps(io.to_jsonable(io.run_metadata(lm)["decode"])))
     try:
         sj.generate(lm, [[1, 2, 3]], max_new_tokens=3, decode_kernels=True)
+        print("FORCED ran")
     except InputError as err:
         print("ERROR", err)
 """
+
+
+def fallback_lines(result) -> dict[str, str]:
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {line.split(" ", 1)[0]: line.split(" ", 1)[1] for line in result.stdout.splitlines() if " " in line}
 
 
 @pytest.fixture(scope="module")
@@ -155,20 +175,58 @@ def tiny_folder(tmp_path_factory):
     return str(folder)
 
 
-def test_disabled_kernels_fall_back_to_xla(tiny_folder):
-    result = run_python(FALLBACK_CHECK.format(folder=tiny_folder), STEERJAX_CPU_KERNELS="0")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "REASON disabled by STEERJAX_CPU_KERNELS=0" in result.stdout
-    assert "APPLY False" in result.stdout and "TOKENS (1, 6)" in result.stdout
-    assert "ERROR decode_kernels=True needs" in result.stdout and "STEERJAX_CPU_KERNELS=0" in result.stdout
+def test_decode_kernels_env_switch(tiny_folder, tmp_path):
+    """STEERJAX_DECODE_KERNELS=0 runs XLA's dot without ever building the kernels (run metadata says so);
+    an explicit decode_kernels argument still wins; an unknown setting is a named error."""
+    lines = fallback_lines(run_python(FALLBACK_CHECK.format(folder=tiny_folder), STEERJAX_DECODE_KERNELS="0",
+                                      STEERJAX_KERNEL_CACHE=str(tmp_path)))
+    assert lines["PATH"] == "xla_dot" and lines["WARNINGS"] == "0" and lines["SAME"].startswith("True (1, 6)")
+    meta = json.loads(lines["META"])
+    assert meta["paths_run"] == ["xla_dot"] and meta["generate_calls"]["xla_dot"] == 3
+    assert meta["setting"] == "0" and meta["cpu_kernels"] == "not built"
+    if cpu_kernels.compiler() is not None:
+        assert lines["FORCED"] == "ran"
+    bad = run_python(FALLBACK_CHECK.format(folder=tiny_folder), STEERJAX_DECODE_KERNELS="yes")
+    assert "STEERJAX_DECODE_KERNELS='yes' is not a setting" in bad.stderr
+
+
+@needs_compiler
+def test_decode_kernels_env_forces_the_kernels(tiny_folder, tmp_path, monkeypatch):
+    """STEERJAX_DECODE_KERNELS=1 takes the kernels even past the memory share, and records it."""
+    lm = sj.load_model(tiny_folder)
+    monkeypatch.setattr(generation, "PANEL_MEMORY_FRACTION", 1e-12)
+    assert generation.decode_path(lm) == "xla_dot"
+    monkeypatch.setenv("STEERJAX_DECODE_KERNELS", "1")
+    assert generation.decode_path(lm) == "cpu_kernel"
+    before = generation.DECODE_RECORD.calls["cpu_kernel"]
+    sj.generate(lm, [[1, 2, 3]], max_new_tokens=2)
+    assert generation.DECODE_RECORD.calls["cpu_kernel"] == before + 1
+    assert generation.DECODE_RECORD.to_json()["cpu_kernels"] in ("compiled", "loaded from cache")
+
+
+def test_no_compiler_on_path_falls_back_with_one_warning(tiny_folder, tmp_path):
+    """With no C++ compiler to be found (PATH without one, no $CXX), generation runs on XLA's dot with a single
+    warning for the whole process, gives the XLA path's tokens, and the metadata records why."""
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("CXX", "STEERJAX_DECODE_KERNELS")}
+    env.update(PATH=str(empty), STEERJAX_KERNEL_CACHE=str(tmp_path / "cache"))
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(FALLBACK_CHECK.format(folder=tiny_folder))],
+                            capture_output=True, text=True, env=env, timeout=600)
+    lines = fallback_lines(result)
+    assert lines["PATH"] == "xla_dot" and lines["WARNINGS"] == "1" and lines["SAME"].startswith("True (1, 6)")
+    meta = json.loads(lines["META"])
+    assert meta["paths_run"] == ["xla_dot"] and "no C++ compiler found" in meta["cpu_kernels"]
+    assert lines["ERROR"].startswith("the CPU decode kernels") and "no C++ compiler found" in lines["ERROR"]
+    assert not list(tmp_path.rglob("*.so"))
 
 
 def test_failed_build_warns_and_falls_back(tiny_folder, tmp_path):
     """A compiler that fails (here `false`) leaves a warning naming the command, and generation works."""
-    result = run_python(FALLBACK_CHECK.format(folder=tiny_folder), CXX="false", STEERJAX_KERNEL_CACHE=str(tmp_path))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "REASON" in result.stdout and "failed" in result.stdout and "WARNED True" in result.stdout
-    assert "APPLY False" in result.stdout and "TOKENS (1, 6)" in result.stdout
+    lines = fallback_lines(run_python(FALLBACK_CHECK.format(folder=tiny_folder), CXX="false",
+                                      STEERJAX_KERNEL_CACHE=str(tmp_path)))
+    assert lines["PATH"] == "xla_dot" and lines["WARNINGS"] == "1" and lines["SAME"].startswith("True (1, 6)")
+    assert "failed" in json.loads(lines["META"])["cpu_kernels"]
     assert not list(tmp_path.rglob("*.so")), "a failed build must not leave a library in the cache"
 
 
@@ -181,6 +239,7 @@ def tiny_model_folder(request, tmp_path_factory):
     return folder
 
 
+@needs_compiler
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_generation_with_kernels_equals_xla_dot(tiny_model_folder, dtype):
     """Same tokens and, step by step, the same logits up to float32 (bf16: one bf16 rounding per layer
@@ -211,6 +270,7 @@ def test_generation_with_kernels_equals_xla_dot(tiny_model_folder, dtype):
     assert generation.has_decode_panels(lm)
 
 
+@needs_compiler
 def test_memory_share_policy(tiny_folder, monkeypatch):
     """Past PANEL_MEMORY_FRACTION of memory the default is XLA's dot; decode_kernels=True still packs."""
     lm = sj.load_model(tiny_folder)
@@ -224,20 +284,31 @@ def test_memory_share_policy(tiny_folder, monkeypatch):
     assert generation.has_decode_panels(lm) and generation.decode_kernels_apply(lm)
 
 
-def test_new_weights_get_new_panels(tiny_folder):
-    """Assigning new weights to lm.params repacks at the next call and frees the old copy; tokens follow
-    the new weights exactly as the XLA path does."""
+@needs_compiler
+def test_new_weights_get_new_panels(tiny_folder, caplog):
+    """A model with new weights (lm.replace, the public way) packs its own panels; the old model keeps its
+    own; fields cannot be assigned; weights swapped inside the params dict are seen too (the cache holds its
+    source arrays, so no freed id can be mistaken for them). Tokens follow the new weights exactly as the XLA
+    path does. The packed size is logged once per packing."""
     lm = sj.load_model(tiny_folder)
     ids = [[5, 9, 2, 7]]
-    sj.generate(lm, ids, max_new_tokens=4)
+    with caplog.at_level(logging.INFO, logger="steerjax"):
+        sj.generate(lm, ids, max_new_tokens=4)
+        sj.generate(lm, ids, max_new_tokens=4)
+    assert sum("packed" in r.getMessage() and "MB" in r.getMessage() for r in caplog.records) == 1
     old = generation.decode_panels(lm)
-    lm.params = jax.tree.map(lambda x: -x if x.ndim == 3 else x, lm.params)  # flip every stacked kernel
-    fresh = sj.generate(lm, ids, max_new_tokens=4, return_logits=True)
-    plain = sj.generate(lm, ids, max_new_tokens=4, return_logits=True, decode_kernels=False)
+    flipped = lm.replace(params=jax.tree.map(lambda x: -x if x.ndim == 3 else x, lm.params))  # every kernel
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        lm.params = flipped.params
+    fresh = sj.generate(flipped, ids, max_new_tokens=4, return_logits=True)
+    plain = sj.generate(flipped, ids, max_new_tokens=4, return_logits=True, decode_kernels=False)
     np.testing.assert_array_equal(fresh.tokens, plain.tokens)
     np.testing.assert_allclose(np.asarray(fresh.logits), np.asarray(plain.logits), rtol=1e-5, atol=1e-5)
-    assert generation.decode_panels(lm) is not old
-    assert sum(isinstance(k, tuple) and k[0] == "decode_panels" for k in lm.cache) == 1
+    assert generation.decode_panels(flipped) is not old and generation.decode_panels(lm) is old
+    assert flipped.cache.names() == ["decode_panels"]
+    lm.params["embed"] = -lm.params["embed"]       # in-place swap of one leaf: repacked, old copy freed
+    assert not generation.has_decode_panels(lm)
+    assert generation.decode_panels(lm) is not old and lm.cache.names() == ["decode_panels"]
 
 
 def test_kernels_refused_for_float64_and_sharded_models(tiny_folder):
@@ -245,6 +316,6 @@ def test_kernels_refused_for_float64_and_sharded_models(tiny_folder):
     assert not generation.decode_kernels_apply(lm64)
     with pytest.raises(InputError, match=r"float32 / bfloat16 model .*\(model: float64"):
         sj.generate(lm64, [[1, 2, 3]], max_new_tokens=2, decode_kernels=True)
-    sharded = dataclasses.replace(sj.load_model(tiny_folder), mesh=sj.sharding.make_mesh(1, 1))
+    sharded = sj.load_model(tiny_folder).replace(mesh=sj.sharding.make_mesh(1, 1))
     assert not generation.decode_kernels_apply(sharded)
     assert generation.decode_kernels_apply(sj.load_model(tiny_folder))

@@ -106,8 +106,10 @@ def test_vector_wrong_shape(tiny):
     lm = tiny[1]
     with pytest.raises(sj.SteeringError, match=r"shape \(65,\), the model needs \(64,\)"):
         lm.forward(np.arange(1, 5), steer=sj.Steer(layer=1, vector=np.ones(65)))
-    with pytest.raises(sj.SteeringError, match="must be a 1-D numeric array"):
-        sj.Steer(layer=1, vector=np.ones((2, 64)))
+    with pytest.raises(sj.SteeringError, match=r"must be a numeric array \(d,\) or one per row \(B, d\)"):
+        sj.Steer(layer=1, vector=np.ones((2, 2, 64)))
+    with pytest.raises(sj.SteeringError, match="give 3 rows; the batch has 1"):
+        lm.forward(np.arange(1, 5), steer=sj.Steer(layer=1, vector=np.ones((3, 64))))
 
 
 def test_non_finite_vector_or_alpha():

@@ -35,8 +35,9 @@ def full_forward_observable(lm, ids, mask, layer, steer_mask, observable):
     return f
 
 
-def torch_jacobian(hf_model, ids, layer: int, observable: str) -> np.ndarray:
-    """torch.func.jacfwd of the last-position observable w.r.t. an additive x at h_layer[-1]."""
+def torch_jacobian(hf_model, ids, layer: int, observable: str, at=None) -> np.ndarray:
+    """torch.func.jacfwd of the last-position observable w.r.t. an additive x at h_layer[-1], at x = `at`
+    (default 0)."""
     model = hf_model.double()
     target = model.model.layers[layer] if layer < len(model.model.layers) else model.model.norm
     ids_t = torch.as_tensor(ids[None], dtype=torch.long)
@@ -54,7 +55,8 @@ def torch_jacobian(hf_model, ids, layer: int, observable: str) -> np.ndarray:
         return logits if observable == "logits" else torch.log_softmax(logits, -1)
 
     try:
-        return torch.func.jacfwd(f)(torch.zeros(model.config.hidden_size, dtype=torch.float64)).detach().numpy()
+        x0 = torch.zeros(model.config.hidden_size, dtype=torch.float64) if at is None else torch.as_tensor(at)
+        return torch.func.jacfwd(f)(x0).detach().numpy()
     finally:
         hf_model.float()
 
@@ -68,6 +70,71 @@ def test_jacobian_matches_torch_func_jacfwd(tiny_checkpoints, tiny64, name, laye
     ref = torch_jacobian(hf_model, ids, layer, observable)
     assert ours.shape == ref.shape == (160, 64)
     assert rel_err(ours, ref) <= TORCH_TOL
+
+
+@pytest.mark.parametrize("observable", ["logits", "logprobs"])
+def test_jacobian_at_a_point_matches_torch_func_jacfwd(tiny_checkpoints, tiny64, observable):
+    """J at h_l + a (a steering offset of O(1) relative size, so J(a) differs from J(0)) against torch's jacfwd
+    at x = a through the HF model with the same additive hook."""
+    name = "llama3_untied_gqa2"
+    _, hf_model = tiny_checkpoints[name]
+    lm, layer = tiny64[name], 1
+    ids = random_ids(np.random.default_rng(21), 1, 10)[0]
+    a = np.random.default_rng(22).normal(size=lm.d) * 2.0
+    ours = np.asarray(sj.jacobian(lm, ids, layer, observable, at=a))
+    ref = torch_jacobian(hf_model, ids, layer, observable, at=a)
+    assert rel_err(ours, ref) <= TORCH_TOL
+    assert rel_err(ours, np.asarray(sj.jacobian(lm, ids, layer, observable))) > 1e-2  # the point matters
+
+
+@pytest.mark.parametrize("observable", ["logits", "logprobs"])
+@pytest.mark.parametrize("positions", ["last", "all"])
+def test_operator_at_a_point_float64(tiny64, observable, positions):
+    """Per-prompt points (B, d) on a padded batch: every product, the dense J, value / probs, the exact factors
+    and top_singular at the point equal jax.jacfwd of the full forward at x = a_i (float64, rounding only)."""
+    lm, layer = tiny64["qwen2_tied_gqa1"], 1
+    rng = np.random.default_rng(23)
+    batch = sj.model.left_pad([list(rng.integers(1, 150, size=n)) for n in (6, 9)], pad_id=0)
+    at = rng.normal(size=(2, lm.d)) * 1.5
+    op = sj.jacobian_operator(lm, batch, layer, observable, positions, at=at)
+    dense = np.asarray(op.dense())
+    for row in range(2):
+        ids, mask = jnp.asarray(batch.ids[row]), jnp.asarray(batch.attention_mask[row])
+        steer_mask = mask.astype(jnp.float64) if positions == "all" else (jnp.arange(ids.size) == ids.size - 1) * 1.0
+        f = full_forward_observable(lm, ids, mask, layer, steer_mask, observable)
+        ref = np.asarray(jax.jacfwd(f)(jnp.asarray(at[row])))
+        assert rel_err(dense[row], ref) <= F64_TOL
+        assert rel_err(np.asarray(op.value())[row], np.asarray(f(jnp.asarray(at[row])))) <= F64_TOL
+        if observable == "logprobs":
+            np.testing.assert_allclose(np.log(np.asarray(op.probs())[row]), np.asarray(f(jnp.asarray(at[row]))),
+                                       atol=1e-12)
+        factor = op.factors()[row]
+        np.testing.assert_allclose(factor.T @ factor, ref.T @ ref, rtol=0, atol=F64_TOL * np.abs(ref.T @ ref).max())
+        s_ref = np.linalg.svd(ref, compute_uv=False)
+        assert np.max(np.abs(op.singular_values()[row] - s_ref[: lm.d])) <= F64_TOL * s_ref[0]
+        for method in ("dense", "lanczos"):
+            top = op.top_singular(4, prompt=row, method=method, tol=1e-8, block=16)
+            np.testing.assert_allclose(np.asarray(top.s), s_ref[:4], rtol=1e-7)
+    v, u = rng.normal(size=(2, lm.d)), rng.normal(size=(2, 160))
+    assert rel_err(op.matvec(v), np.einsum("bvd,bd->bv", dense, v)) <= F64_TOL
+    assert rel_err(op.rmatvec(u), np.einsum("bvd,bv->bd", dense, u)) <= F64_TOL
+    x = rng.normal(size=lm.d)
+    assert rel_err(op.gram_matvec(x), sum(j.T @ (j @ x) for j in dense)) <= F64_TOL
+    # a shared (d,) point equals the same point given per prompt; at=0 equals the unsteered operator
+    shared = sj.jacobian_operator(lm, batch, layer, observable, positions, at=at[0])
+    per_row = sj.jacobian_operator(lm, batch, layer, observable, positions, at=np.stack([at[0], at[0]]))
+    np.testing.assert_array_equal(np.asarray(shared.dense()), np.asarray(per_row.dense()))
+    zero = sj.jacobian_operator(lm, batch, layer, observable, positions, at=np.zeros(lm.d))
+    np.testing.assert_array_equal(np.asarray(zero.dense()),
+                                  np.asarray(sj.jacobian_operator(lm, batch, layer, observable, positions).dense()))
+
+
+def test_operator_point_bad_input(tiny64):
+    lm = tiny64["qwen2_tied_gqa1"]
+    with pytest.raises(sj.InputError, match=r"at must be \(64,\) or \(1, 64\)"):
+        sj.jacobian_operator(lm, np.arange(1, 5), 1, at=np.ones(65))
+    with pytest.raises(sj.InputError, match="NaN/inf"):
+        sj.jacobian_operator(lm, np.arange(1, 5), 1, at=np.full(64, np.nan))
 
 
 def fourth_order_central_difference(f, d: int, h: float = 2e-4) -> np.ndarray:
@@ -161,3 +228,19 @@ def test_jacobian_bad_input(tiny64):
         sj.jacobian(lm, np.arange(1, 5), 1, positions="generated")
     with pytest.raises(sj.InputError, match="takes one prompt"):
         sj.jacobian(lm, np.ones((2, 4), np.int32), 1)
+
+
+def test_unembedding_qr_follows_the_weights(tiny64):
+    """New weights through lm.replace give a new W_U = Q R (and the old model keeps its own); a W_U swapped
+    inside the params dict is seen too. Checked through the exact spectrum against the dense J."""
+    lm = tiny64["llama3_untied_gqa2"]
+    ids = random_ids(np.random.default_rng(24), 1, 7)[0]
+    before = sj.jacobian_operator(lm, ids, 2).singular_values()
+    scaled = lm.replace(params={**lm.params, "lm_head": 3.0 * lm.params["lm_head"]})
+    np.testing.assert_allclose(sj.jacobian_operator(scaled, ids, 2).singular_values(), 3.0 * before, rtol=1e-12)
+    np.testing.assert_array_equal(sj.jacobian_operator(lm, ids, 2).singular_values(), before)
+    rotated = lm.replace(params=dict(lm.params))
+    rotated.params["lm_head"] = jnp.flip(lm.params["lm_head"], axis=1)    # in place, new array, same shape
+    s_dense = np.linalg.svd(np.asarray(sj.jacobian(rotated, ids, 2)), compute_uv=False)[: lm.d]
+    np.testing.assert_allclose(sj.jacobian_operator(rotated, ids, 2).singular_values()[0], s_dense,
+                               rtol=0, atol=F64_TOL * s_dense[0])

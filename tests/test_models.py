@@ -116,3 +116,31 @@ def test_forward_is_a_pure_jittable_function(tiny_checkpoints):
     for k, alpha in enumerate(alphas):
         single = lm.forward(ids, steer=sj.Steer(layer=1, vector=v, alpha=float(alpha))).logits[:, -1]
         np.testing.assert_allclose(batched[k], single, rtol=1e-5, atol=1e-5)
+
+
+def test_language_model_is_immutable_and_its_cache_holds_its_sources(tiny_checkpoints):
+    """Fields cannot be assigned (replace() gives a new model with an empty cache); a DerivedCache entry keeps
+    its source arrays alive, so no freed id can be mistaken for them, and new sources recompute."""
+    import dataclasses
+    import gc
+    import weakref
+
+    lm = sj.load_model(tiny_checkpoints["qwen2_tied_gqa1"][0])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        lm.params = {}
+    lm.cache.get("x", [lm.params["embed"]], lambda: 1)
+    other = lm.replace(source="elsewhere")
+    assert other.cache.names() == [] and lm.cache.names() == ["x"] and other.tokenizer_loader is lm.tokenizer_loader
+    with pytest.raises(sj.InputError, match="fresh cache"):
+        lm.replace(cache=None)
+    cache, calls = sj.model.DerivedCache(), []
+    source = np.arange(3.0)
+    alive = weakref.ref(source)
+    assert cache.get("sum", [source], lambda: calls.append(1) or 3.0) == 3.0
+    del source
+    gc.collect()
+    assert alive() is not None                          # held by the entry
+    assert cache.get("sum", [alive()], lambda: calls.append(1) or 0.0) == 3.0 and len(calls) == 1
+    assert cache.get("sum", [np.arange(3.0)], lambda: calls.append(1) or 4.0) == 4.0 and len(calls) == 2
+    gc.collect()
+    assert alive() is None                              # the replaced entry freed its source

@@ -215,7 +215,7 @@ def test_bf16_layer_loop_never_upcasts_the_weight_stack(tiny_checkpoints):
                 generation.row_keys(0, 2), jnp.float32(0.0), jnp.float32(1.0))
     assert _materialised_f32_stacks(gen.lower(*gen_args).compile().as_text(), stacks) == []
     op = sj.jacobian_operator(lm, np.asarray(ids[0]), layer=1)
-    tail = op._fns["normed_jacobian"].lower(lm.params, op.ctx).compile().as_text()
+    tail = op.fns.normed_jacobian.lower(lm.params, op.ctx, op.point).compile().as_text()
     assert _materialised_f32_stacks(tail, stacks) == []
 
 

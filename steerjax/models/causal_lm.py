@@ -112,13 +112,15 @@ def run_blocks(config, params, h, cos, sin, mask, steer_layer, steer_delta):
     return h_final + steer_at(config.num_layers, steer_layer, steer_delta), hidden, keys, values
 
 
-def forward(config: ModelConfig, params, ids, attention_mask, steer_layer, steer_delta, return_hidden: bool):
+def forward(config: ModelConfig, params, ids, attention_mask, steer_layer, steer_delta, return_hidden: bool,
+            last_only: bool = False):
     """Full causal-LM pass. ids, attention_mask (B, T) int; steer_delta (B, T, d).
-    Returns logits (B, T, V) and hidden (L + 1, B, T, d) or None."""
+    Returns logits (B, T, V) ((B, 1, V) of the last position when last_only) and hidden (L + 1, B, T, d)
+    or None."""
     h, cos, sin, mask = embed_inputs(config, params, ids, attention_mask)
     h_final, hidden, _, _ = run_blocks(config, params, h, cos, sin, mask, steer_layer,
                                        steer_delta.astype(h.dtype))
-    logits = logits_from_final_hidden(config, params, h_final)
+    logits = logits_from_final_hidden(config, params, h_final[:, -1:] if last_only else h_final)
     return logits, (jnp.concatenate([hidden, h_final[None]], axis=0) if return_hidden else None)
 
 
@@ -132,6 +134,6 @@ def forward_with_cache(config: ModelConfig, params, ids, attention_mask, steer_l
 
 
 @functools.lru_cache(maxsize=None)
-def jitted_forward(config: ModelConfig, return_hidden: bool):
+def jitted_forward(config: ModelConfig, return_hidden: bool, last_only: bool = False):
     """jit-compiled `forward` for one config (cached)."""
-    return xla.jit(functools.partial(forward, config, return_hidden=return_hidden))
+    return xla.jit(functools.partial(forward, config, return_hidden=return_hidden, last_only=last_only))

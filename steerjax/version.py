@@ -1,0 +1,3 @@
+"""The steerjax version string."""
+
+__version__ = "0.1.0"
