@@ -40,15 +40,15 @@ THREADS = threads_from_argv(sys.argv)
 if THREADS == 1:  # single-threaded Eigen in XLA (torch is pinned below)
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
 
-from steerjax import cpu_kernels  # noqa: E402
+from steerjax import cpu_kernels
 
-import steerjax as sj  # noqa: E402
-from steerjax.models.loading import default_model_path  # noqa: E402
+import steerjax as sj
+from steerjax.models.loading import default_model_path
 
 if THREADS is not None:
     torch.set_num_threads(THREADS)

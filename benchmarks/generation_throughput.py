@@ -23,13 +23,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import jax
+import numpy as np
+import torch
 
-import steerjax as sj  # noqa: E402
-from steerjax import generation  # noqa: E402
-from common import (BenchModel, generation_flops, matmul_gflops, memory_read_gbs, time_call,  # noqa: E402
+import steerjax as sj
+from steerjax import generation
+from common import (BenchModel, generation_flops, matmul_gflops, memory_read_gbs, time_call,
                     weight_stream_gbs)
 
 PROMPTS = ["The weather today is", "My favourite book is about", "In the year 2050, cities will",

@@ -41,12 +41,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-import steerjax as sj  # noqa: E402
-from common import BenchModel, linear_map_flops, matmul_gflops, spectrum_flops, time_call  # noqa: E402
-from steerjax.jacobian import dense_is_cheaper, unembedding_reduction  # noqa: E402
+import steerjax as sj
+from common import BenchModel, linear_map_flops, matmul_gflops, spectrum_flops, time_call
+from steerjax.jacobian import dense_is_cheaper, unembedding_reduction
 
 
 # ----------------------------------------------------------------------------- torch peers

@@ -19,8 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from steerjax.jacobian import TAIL_CHUNK  # noqa: E402
-from steerjax.models.config import ModelConfig  # noqa: E402
+from steerjax.jacobian import TAIL_CHUNK
+from steerjax.models.config import ModelConfig
 
 
 def config(name, d, L, H, K, f, V, tied) -> tuple[str, ModelConfig]:
@@ -158,7 +158,7 @@ def main():
     print("|---|---|---|---|---|---|")
     for name, c in MODELS.items():
         for m in (8, 16):
-            yes = lambda dim: "split" if dim % m == 0 else "replicated"  # noqa: E731
+            yes = lambda dim: "split" if dim % m == 0 else "replicated"
             print(f"| {name} | {m} | {yes(c.num_heads)} | {yes(c.num_kv_heads)} | {yes(c.intermediate_size)} | "
                   f"{yes(c.vocab_size)} |")
 

@@ -56,7 +56,7 @@ def run(lm, batch, layer: int, k: int, new_tokens: int, chunk: int) -> dict:
     res["lanczos_top"] = np.asarray(top)
     v = np.random.default_rng(0).normal(size=lm.d).astype(np.float32)
     steer = sj.Steer(layer=layer, vector=v, alpha=1.0, positions="last+generated")
-    gen = lambda: sj.generate(lm, batch, steer=steer, max_new_tokens=new_tokens, stop_at_eos=False).tokens  # noqa: E731
+    gen = lambda: sj.generate(lm, batch, steer=steer, max_new_tokens=new_tokens, stop_at_eos=False).tokens
     res["tokens"], res["generate_first_s"] = timed(gen)
     _, res["generate_s"] = timed(gen)
     return res

@@ -199,7 +199,8 @@ def run(args) -> dict:
     plot_table2(result, out_dir / "table2.png")
     plot_angles(result, out_dir / "principal_angles.png")
     print_tables(result)
-    print(f"wrote {out_dir}/environments.json, .csv, table2.png, principal_angles.png in {time.time() - t0:.0f} s")
+    cli.wrote([out_dir / name for name in ("environments.json", "environments.csv", "table2.png",
+                                           "principal_angles.png")], t0)
     return result
 
 

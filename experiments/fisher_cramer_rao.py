@@ -34,7 +34,7 @@ import numpy as np
 
 import steerjax as sj
 from steerjax import data, fisher, fits, io, spectrum, stats
-from steerjax.cli import ArgumentParser, fmt_or_dash, check_trait, run_cli, study_layer
+from steerjax.cli import ArgumentParser, fmt_or_dash, check_trait, run_cli, trait_study, wrote
 
 CHECK_KEYS = ("variance_ratio_mean", "variance_ratio_min", "variance_ratio_max", "variance_ratio_sd",
               "whitened_rel_error", "expected_whitened_rel_error", "frobenius_rel_error",
@@ -185,13 +185,10 @@ def run(args) -> dict:
     from tqdm import tqdm
 
     t0 = time.time()
-    lm = sj.load_model(args.model)
-    layer = study_layer(lm, args.layer)
+    lm, layer, v_star = trait_study(args)
     prompts = data.neutral_eval_prompts()[: args.n_prompts]
     batch = lm.tokenize(prompts)
     rng = np.random.default_rng(args.seed)
-    pos, neg = data.trait_pairs(args.trait)
-    v_star = np.asarray(sj.extract_vector(lm, pos, neg, layer), np.float64)
 
     print(f"exact J at layer {layer} for {len(prompts)} prompts ...", file=sys.stderr)
     t_jac = time.time()
@@ -245,8 +242,8 @@ def run(args) -> dict:
     io.write_csv(result["categorical"], out_dir / "categorical.csv")
     plot(result, plots, out_dir / "fisher_cramer_rao.png")
     print_tables(result)
-    print(f"wrote {out_dir / 'fisher_cramer_rao.json'}, gaussian.csv, categorical.csv and fisher_cramer_rao.png "
-          f"in {time.time() - t0:.0f} s")
+    wrote([out_dir / name for name in ("fisher_cramer_rao.json", "gaussian.csv", "categorical.csv",
+                                       "fisher_cramer_rao.png")], t0)
     return result
 
 

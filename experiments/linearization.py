@@ -27,7 +27,7 @@ import numpy as np
 
 import steerjax as sj
 from steerjax import data, io, linearization, studies, tail
-from steerjax.cli import ArgumentParser, fmt_or_dash, check_trait, run_cli, study_layer
+from steerjax.cli import ArgumentParser, fmt_or_dash, check_trait, run_cli, trait_study, wrote
 from steerjax.tail import OBSERVABLES
 
 DIRECTIONS = ("v", "v+v_null", "v_null", "v_perp")
@@ -79,14 +79,11 @@ def run(args) -> dict:
     from tqdm import tqdm
 
     t0 = time.time()
-    lm = sj.load_model(args.model, dtype=args.dtype)
-    layer = study_layer(lm, args.layer)
+    lm, layer, v = trait_study(args, dtype=args.dtype)
     if not 1 <= args.k_smallest < lm.d:
         raise sj.InputError(f"--k-smallest must be in [1, {lm.d - 1}], got {args.k_smallest}")
     prompts = data.neutral_eval_prompts()[: args.n_prompts]
     batch = lm.tokenize(prompts)
-    pos, neg = data.trait_pairs(args.trait)
-    v = np.asarray(sj.extract_vector(lm, pos, neg, layer), np.float64)
     a_values = np.logspace(np.log10(args.a_min), np.log10(args.a_max), args.n_a)
 
     print(f"exact J at layer {layer} ({lm.dtype}) for {len(prompts)} prompts ...", file=sys.stderr)
@@ -155,7 +152,7 @@ def run(args) -> dict:
                  out_dir / "linearization.csv")
     plot(result, out_dir / "linearization.png")
     print_tables(result)
-    print(f"wrote {out_dir / 'linearization.json'}, linearization.csv and linearization.png in {time.time() - t0:.0f} s")
+    wrote([out_dir / name for name in ("linearization.json", "linearization.csv", "linearization.png")], t0)
     return result
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 import steerjax as sj
-from steerjax.cli import ArgumentParser, fmt_or_dash, parse_floats, parse_traits, run_cli
+from steerjax.cli import ArgumentParser, fmt_or_dash, parse_floats, parse_traits, run_cli, wrote
 from steerjax import data, io, stats, studies
 
 KINDS = ("orthogonal", "random", "kernel")          # additive, ||delta|| = ||v||
@@ -185,7 +185,7 @@ def run(args) -> dict:
     io.write_csv(result["rows"], out_dir / "logit_equivalence.csv")
     plot_kl(result, out_dir / "kl_by_kind.png")
     print_tables(result)
-    print(f"wrote {out_dir / 'logit_equivalence.json'}, .csv and kl_by_kind.png in {time.time() - t0:.0f} s")
+    wrote([out_dir / name for name in ("logit_equivalence.json", "logit_equivalence.csv", "kl_by_kind.png")], t0)
     return result
 
 

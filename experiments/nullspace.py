@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 import steerjax as sj
-from steerjax.cli import ArgumentParser, run_cli
+from steerjax.cli import ArgumentParser, run_cli, wrote
 from steerjax import data, geometry, io, plotting
 from steerjax.extraction import last_token_states_all_layers, vector_from_states
 from steerjax.jacobian import JACOBIAN_POSITIONS, OBSERVABLES
@@ -99,7 +99,7 @@ def settings_key(args, prompts_ids) -> dict:
 
 def summary_row(entry: dict) -> dict:
     pp = entry["per_prompt"]
-    med = lambda f: float(np.median([f(p) for p in pp]))  # noqa: E731
+    med = lambda f: float(np.median([f(p) for p in pp]))
     row = {"layer": entry["layer"], "sigma_max": med(lambda p: p["sigma_max"])}
     ranks = pp[0]["effective_rank"]
     if "numerical" in ranks:
@@ -119,7 +119,7 @@ def summary_row(entry: dict) -> dict:
 
 def format_table(rows: list[dict]) -> str:
     cols = list(rows[0])
-    fmt = lambda v: "-" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v))  # noqa: E731
+    fmt = lambda v: "-" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v))
     widths = [max(len(c), *(len(fmt(r.get(c))) for r in rows)) for c in cols]
     lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths))]
     lines += ["  ".join(fmt(r.get(c)).rjust(w) for c, w in zip(cols, widths)) for r in rows]
@@ -184,7 +184,8 @@ def run(args) -> dict:
           f"{args.observable}, {args.method}, {args.dtype} (noise floor {result['noise_floor']:.1e} of sigma_max)")
     print("medians over prompts; null@eps = d - #{sigma > eps sigma_max}")
     print(format_table([summary_row(e) for e in result["layers"]]))
-    print(f"wrote {json_path} and 3 PNG plots in {time.time() - t0:.0f} s")
+    wrote([json_path, *(out_dir / name for name in ("spectrum.png", "effective_rank.png", "stacked_null_dim.png"))],
+          t0)
     return result
 
 

@@ -140,7 +140,8 @@ def run(args) -> dict:
     plot_perp_only(result, out_dir / "perp_only.png")
     plot_effect_sizes(result, out_dir / "effect_sizes.png")
     print_table(result)
-    print(f"wrote {out_dir}/orthogonal.json, .csv, perp_only.png, effect_sizes.png in {time.time() - t0:.0f} s")
+    cli.wrote([out_dir / name for name in ("orthogonal.json", "orthogonal.csv", "perp_only.png", "effect_sizes.png")],
+              t0)
     return result
 
 

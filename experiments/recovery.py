@@ -27,7 +27,7 @@ import numpy as np
 
 import steerjax as sj
 from steerjax import data, fisher, fits, io, spectrum, stats, studies, tail
-from steerjax.cli import ArgumentParser, fmt_or_dash, check_trait, run_cli, study_layer
+from steerjax.cli import ArgumentParser, fmt_or_dash, check_trait, run_cli, trait_study, wrote
 
 SPLITS = ("logprobs", "fisher")
 
@@ -106,15 +106,12 @@ def run(args) -> dict:
     from tqdm import tqdm
 
     t0 = time.time()
-    lm = sj.load_model(args.model)
-    layer = study_layer(lm, args.layer)
+    lm, layer, v_dir = trait_study(args)
     all_prompts = data.neutral_eval_prompts()[: args.n_prompts + args.n_heldout]
     prompts, heldout = all_prompts[: args.n_prompts], all_prompts[args.n_prompts:]
     batch = lm.tokenize(all_prompts)
     op = sj.jacobian_operator(lm, batch, layer, observable="logprobs")
     h_norms = np.linalg.norm(op.steered_states(), axis=1)
-    pos, neg = data.trait_pairs(args.trait)
-    v_dir = np.asarray(sj.extract_vector(lm, pos, neg, layer), np.float64)
     v_star = v_dir / np.linalg.norm(v_dir) * args.v_scale * float(h_norms[: args.n_prompts].mean())
     v_norm = float(np.linalg.norm(v_star))
     fn = tail.steered_observable(lm.config, "logits")
@@ -215,7 +212,7 @@ def run(args) -> dict:
                  out_dir / "recovery.csv")
     plot(result, histories, out_dir / "recovery.png")
     print_tables(result)
-    print(f"wrote {out_dir / 'recovery.json'}, recovery.csv and recovery.png in {time.time() - t0:.0f} s")
+    wrote([out_dir / name for name in ("recovery.json", "recovery.csv", "recovery.png")], t0)
     return result
 
 

@@ -131,7 +131,7 @@ def run(args) -> dict:
                  out_dir / "scale_invariance.csv")
     plot_curves(result, out_dir / "figure3.png")
     print_table(result)
-    print(f"wrote {out_dir}/scale_invariance.json, .csv, figure3.png in {time.time() - t0:.0f} s")
+    cli.wrote([out_dir / name for name in ("scale_invariance.json", "scale_invariance.csv", "figure3.png")], t0)
     return result
 
 

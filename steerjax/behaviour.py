@@ -18,10 +18,14 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from steerjax import stats
+from steerjax import data, stats
 from steerjax.checks import check_positive_int, check_positive_number
 from steerjax.errors import InputError
+from steerjax.extraction import extract_vector
+from steerjax.generation import generate, generated_texts
 from steerjax.io import UnitStore
+from steerjax.probes import make_probe
+from steerjax.steering import Steer
 from steerjax.studies import StudyProtocol
 
 # Instructions that frame an environment prompt in the trait-positive / trait-negative register, used to
@@ -61,9 +65,6 @@ class GenerationPlan:
 
 def trait_vectors(lm, traits: Sequence[str], layer: int) -> dict[str, np.ndarray]:
     """trait -> mean-difference steering vector (d,) float64 of the trait's shipped contrastive pairs."""
-    from steerjax import data
-    from steerjax.extraction import extract_vector
-
     out = {}
     for trait in traits:
         pos, neg = data.trait_pairs(trait)
@@ -91,9 +92,6 @@ def condition_seed(protocol: StudyProtocol, base_seed: int, key: str) -> int:
 def generate_condition(lm, plan: GenerationPlan, batch, layer: int | None, vector, alpha: float,
                        positions: str, seed: int) -> list[str]:
     """Generated continuations (generated text only, cut at EOS), one per plan row. layer None: unsteered."""
-    from steerjax.generation import generate, generated_texts
-    from steerjax.steering import Steer
-
     steer = None if layer is None else Steer(int(layer), np.asarray(vector, np.float64), float(alpha), positions)
     out = generate(lm, batch, steer, max_new_tokens=plan.max_new_tokens, temperature=plan.temperature,
                    top_p=plan.top_p, seed=seed)
@@ -155,6 +153,4 @@ def efficacy(protocol: StudyProtocol, perp, v, base) -> float | None:
 
 def make_probes(kind: str, traits: Sequence[str], lm=None) -> dict:
     """trait -> Probe of the given kind ("lexical" or "model")."""
-    from steerjax.probes import make_probe
-
     return {t: make_probe(kind, t, lm=lm if kind == "model" else None) for t in traits}

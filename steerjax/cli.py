@@ -1,16 +1,23 @@
-"""Shared entry point for the experiment scripts: steerjax errors end as one line and exit code 2."""
+"""The command line of the experiment scripts: argument parsing whose errors end as one line with exit code 2,
+the arguments and start (`trait_study`) every study shares, number formatting, and the closing line."""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import sys
+import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple, Sequence
+
+import numpy as np
 
 from steerjax import data, studies
 from steerjax.checks import check_layer
 from steerjax.errors import SteerjaxError
+from steerjax.extraction import extract_vector
+from steerjax.model import LanguageModel, load_model
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -37,6 +44,7 @@ def run_cli(parse_args: Callable[[Any], Any], run: Callable[[Any], Any], argv=No
     """Parse argv, run, and turn a SteerjaxError into `error: ...` on stderr with exit code 2 (an OSError,
     e.g. an unwritable --out or a full disk, into `error: ...` with exit code 1)."""
     args = parse_args(argv)
+    show_library_log()
     try:
         run(args)
     except SteerjaxError as err:
@@ -46,6 +54,38 @@ def run_cli(parse_args: Callable[[Any], Any], run: Callable[[Any], Any], argv=No
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+def show_library_log() -> None:
+    """Print steerjax's INFO messages (e.g. the size of a packed decode-weight copy, logged once) on stderr."""
+    logger = logging.getLogger("steerjax")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
+class TraitStudy(NamedTuple):
+    """The common start of the single-trait studies: the model, the steered layer and the trait's
+    mean-difference vector (d,) float64 read at that layer (h_layer enters block layer)."""
+
+    lm: LanguageModel
+    layer: int
+    vector: np.ndarray
+
+
+def trait_study(args, dtype: str = "float32") -> TraitStudy:
+    """Load --model in `dtype`, check --layer (default L // 2) and extract --trait's vector there."""
+    lm = load_model(args.model, dtype=dtype)
+    layer = study_layer(lm, args.layer)
+    pos, neg = data.trait_pairs(args.trait)
+    return TraitStudy(lm, layer, np.asarray(extract_vector(lm, pos, neg, layer), np.float64))
+
+
+def wrote(paths: Sequence[str | Path], started: float) -> None:
+    """The closing line of every study: the files written and the run's wall time."""
+    print(f"wrote {', '.join(str(p) for p in paths)} in {time.time() - started:.0f} s")
 
 
 def add_study_arguments(p, *, n_prompts: int, samples: int, max_new_tokens: int, traits: str = "all") -> None:

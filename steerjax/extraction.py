@@ -6,6 +6,7 @@ from typing import Sequence
 
 import numpy as np
 
+from steerjax.checks import check_layer
 from steerjax.errors import InputError, SteeringError
 from steerjax.model import LanguageModel
 
@@ -20,9 +21,7 @@ def last_token_states_all_layers(lm: LanguageModel, prompts: Sequence[str], chat
 
 def last_token_states(lm: LanguageModel, prompts: Sequence[str], layer: int, chat: bool = False) -> np.ndarray:
     """h_layer at the last token of each prompt, (N, d) float64."""
-    if not 0 <= layer <= lm.num_layers:
-        raise SteeringError(f"layer {layer} is outside [0, {lm.num_layers}]")
-    return last_token_states_all_layers(lm, prompts, chat)[layer]
+    return last_token_states_all_layers(lm, prompts, chat)[check_layer(layer, lm.num_layers)]
 
 
 def vector_from_states(pos: np.ndarray, neg: np.ndarray, method: str = "mean_diff") -> np.ndarray:

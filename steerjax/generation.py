@@ -270,9 +270,8 @@ def decode_path(lm: LanguageModel, decode_kernels: bool | None = None) -> str:
 
 
 class DecodeRecord:
-    """What this process's `generate` calls ran: calls per decode path, the STEERJAX_DECODE_KERNELS setting and
-    whether the CPU kernels compiled. Result files hold it in their run metadata (`steerjax.io.run_metadata`);
-    `to_json()` is read when the file is written, so it says what ran up to then."""
+    """Calls of `generate` per decode path in this process (`DECODE_RECORD`). `since_now()` gives the view a run
+    records in its metadata: what ran from then on, read when the result file is written."""
 
     def __init__(self):
         self.calls = dict.fromkeys(DECODE_PATHS, 0)
@@ -280,9 +279,20 @@ class DecodeRecord:
     def add(self, path: str) -> None:
         self.calls[path] += 1
 
+    def since_now(self) -> "DecodeWindow":
+        return DecodeWindow(self, dict(self.calls))
+
+
+class DecodeWindow(NamedTuple):
+    """The decode paths a run took since `start`: `to_json()` is read when a result file is written (see
+    `steerjax.io.to_jsonable`), with the STEERJAX_DECODE_KERNELS setting and whether the CPU kernels compiled."""
+
+    record: DecodeRecord
+    start: dict
+
     def to_json(self) -> dict:
-        paths = [p for p in DECODE_PATHS if self.calls[p]]
-        return {"paths_run": paths or None, "generate_calls": dict(self.calls),
+        calls = {path: self.record.calls[path] - self.start[path] for path in DECODE_PATHS}
+        return {"paths_run": [p for p in DECODE_PATHS if calls[p]] or None, "generate_calls": calls,
                 "setting": os.environ.get(DECODE_KERNELS_ENV, "auto"), "cpu_kernels": cpu_kernels.build_status()}
 
 

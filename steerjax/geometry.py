@@ -82,7 +82,7 @@ def analyze_layer_exact(lm: LanguageModel, batch: TokenBatch, layer: int, observ
     entry["stacked"] = [{"n_prompts": k, **spectrum_entry(s, d)} for k, s, _ in stacked]
     if n >= 2:
         half = n // 2
-        last = lambda fs: list(spectrum.stack_factors(fs))[-1]  # noqa: E731
+        last = lambda fs: list(spectrum.stack_factors(fs))[-1]
         entry["principal_angles"] = {"set_a": list(range(half)), "set_b": list(range(half, n)),
                                      **principal_angle_entry(last(factors[:half]), last(factors[half:]), d)}
     if vector is not None:

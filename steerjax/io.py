@@ -95,15 +95,16 @@ def _cached_sha256(path: str) -> str:
 
 def run_metadata(lm=None, seeds: Any = None) -> dict[str, Any]:
     """Versions and environment recorded with every result file; with `lm`, the model's identity
-    (`model_identity`), and the run's seeds when given. "decode" is `generation.DECODE_RECORD`: which decode
-    path (CPU kernel or XLA dot) the run's generations took and whether the kernel compiled, as of the write."""
+    (`model_identity`), and the run's seeds when given. "decode" says which decode path (CPU kernel or XLA
+    dot) the run's generations took from this call on, and whether the kernel compiled, as of the write
+    (`generation.DecodeWindow`)."""
 
     meta = {
         "steerjax": __version__, "jax": jax.__version__, "flax": flax.__version__,
         "numpy": np.__version__, "python": sys.version.split()[0], "platform": platform.platform(),
         "backend": jax.default_backend(), "x64": bool(jax.config.jax_enable_x64),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "argv": sys.argv,
-        "decode": DECODE_RECORD,
+        "decode": DECODE_RECORD.since_now(),
     }
     if lm is not None:
         meta["model"] = model_identity(lm)

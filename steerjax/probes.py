@@ -36,6 +36,7 @@ import numpy as np
 from steerjax.checks import check_positive_int
 from steerjax.data import TRAITS, check_trait, probe_lexicons
 from steerjax.errors import InputError, ModelNotFoundError
+from steerjax.model import TokenBatch
 
 PROBE_KINDS = ("lexical", "model", "hf")
 NEUTRAL = 0.5
@@ -257,8 +258,6 @@ class ModelProbe:
         non-empty texts (empty / whitespace texts are not allowed here)."""
         import jax
         import jax.numpy as jnp
-
-        from steerjax.model import TokenBatch
 
         texts = _as_texts(texts)
         cont = [int(i) for i in continuation_ids]

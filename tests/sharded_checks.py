@@ -21,13 +21,13 @@ from pathlib import Path
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import steerjax as sj  # noqa: E402
-from conftest import build_hf_model, random_ids, rel_err  # noqa: E402
-from steerjax.models import causal_lm  # noqa: E402
+import steerjax as sj
+from conftest import build_hf_model, random_ids, rel_err
+from steerjax.models import causal_lm
 
 # name -> (TINY_CONFIGS entry, overrides): K = 2 kv heads (sharded over model = 2) and K = 1 (replicated)
 MODELS = {"qwen2_gqa4_kv_sharded": ("qwen2_untied_gqa4", {}),

@@ -11,7 +11,7 @@ import pytest
 
 import steerjax as sj
 from conftest import load_experiment
-from steerjax import stats
+from steerjax import generation, stats
 
 TINY = ["--n-prompts", "2", "--samples", "2", "--max-new-tokens", "4"]
 
@@ -51,6 +51,10 @@ def test_orthogonal_cli(serve_smollm2, tmp_path, capsys):
     ds = [s["d"] for s in r["per_seed"] if s["d"] is not None]
     assert r["table"][0]["n_seeds"] == 2 and (not ds or r["table"][0]["d_mean"] == pytest.approx(np.mean(ds)))
     assert len(units["units"]["base"]["texts"]) == 4
+    decode = units["meta"]["decode"]                       # which decode path the run's generations took
+    assert decode["paths_run"] == [generation.decode_path(sj.load_model())]
+    assert decode["generate_calls"][decode["paths_run"][0]] == len(units["units"])
+    assert result["meta"]["decode"]["paths_run"] == decode["paths_run"]
     for png in ("perp_only.png", "effect_sizes.png"):
         assert (out / png).stat().st_size > 5_000
     assert (out / "orthogonal.csv").read_text().startswith("trait,n_seeds,d_mean")

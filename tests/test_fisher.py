@@ -55,7 +55,7 @@ def test_categorical_fisher_is_the_score_covariance_and_nll_hessian(x64):
     scores = (np.eye(K) - p) @ J
     np.testing.assert_allclose(F, np.einsum("t,ti,tj->ij", p, scores, scores), rtol=1e-12, atol=1e-14)
     # expected Hessian of -log softmax(z + J v)_t at v = 0 (it does not depend on t for softmax models)
-    nll = lambda v: -(jnp.asarray(p) * jax.nn.log_softmax(jnp.asarray(z) + jnp.asarray(J) @ v)).sum()  # noqa: E731
+    nll = lambda v: -(jnp.asarray(p) * jax.nn.log_softmax(jnp.asarray(z) + jnp.asarray(J) @ v)).sum()
     np.testing.assert_allclose(np.asarray(jax.hessian(nll)(jnp.zeros(d))), F, rtol=1e-10, atol=1e-13)
     # rank K - 1: the constant logit shift is invisible to a softmax
     assert fisher.spectral_split(F, 1e-6).rank == K - 1

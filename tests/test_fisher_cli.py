@@ -81,6 +81,8 @@ def test_fisher_cramer_rao_cli(patched, tmp_path, capsys):
     assert (out / "fisher_cramer_rao.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow  # 130 s on 2 cores; fast tests cover its parts: test_fits (recover on the row / null space),
+# test_tail (the steered observable and the operator at v*), test_cli_rejects_bad_layer[recovery]
 def test_recovery_cli(patched, tmp_path, capsys):
     cli = load_experiment("recovery")
     out = tmp_path / "rec"

@@ -24,7 +24,7 @@ def test_float32_fit_with_backtracking_lbfgs_after_x64_was_enabled():
     backtracking line search (experiments/recovery.py's L-BFGS) must still trace and converge."""
     rng, J, _, obs, sigma = gaussian_setup(n=1)
     y, A = jnp.asarray(obs[0], jnp.float32), jnp.asarray(J, jnp.float32)
-    loss = lambda v, data, aux: 0.5 * jnp.sum((aux @ v - y) ** 2) / sigma**2  # noqa: E731
+    loss = lambda v, data, aux: 0.5 * jnp.sum((aux @ v - y) ** 2) / sigma**2
     lbfgs = optax.lbfgs(linesearch=optax.scale_by_backtracking_linesearch(max_backtracking_steps=30,
                                                                           store_grad=True))
     starts = jnp.asarray(rng.normal(size=(2, 8)), jnp.float32)
@@ -43,7 +43,7 @@ def test_float32_fit_with_backtracking_lbfgs_after_x64_was_enabled():
 def test_gradient_fits_keep_their_starting_null_component(x64, name, optimizer, keeps_null):
     rng, J, v_true, obs, sigma = gaussian_setup(n=1)
     y = jnp.asarray(obs[0])
-    loss = lambda v, data, aux: 0.5 * jnp.sum((aux @ v - y) ** 2) / sigma**2  # noqa: E731
+    loss = lambda v, data, aux: 0.5 * jnp.sum((aux @ v - y) ** 2) / sigma**2
     starts = 3.0 * rng.normal(size=(6, 8))
     res = fits.minimise(loss, starts, aux=jnp.asarray(J), optimizer=optimizer, steps=600)
     v = np.asarray(res.v)
@@ -111,7 +111,7 @@ def test_recover_agrees_on_the_row_space_and_not_on_the_null_space(x64):
     rng = np.random.default_rng(4)
     K, m, d = 8, 4, 10
     W, A, c = rng.normal(size=(1, K, m)), rng.normal(size=(m, d)) / np.sqrt(d), rng.normal(size=m) * 0.3
-    fn = lambda v, aux: jnp.einsum("bkm,m->bk", aux[0], jnp.tanh(aux[1] @ v + aux[2]))  # noqa: E731
+    fn = lambda v, aux: jnp.einsum("bkm,m->bk", aux[0], jnp.tanh(aux[1] @ v + aux[2]))
     aux = (jnp.asarray(W), jnp.asarray(A), jnp.asarray(c))
     v_true = rng.normal(size=d)
     target = fn(jnp.asarray(v_true), aux)

@@ -150,7 +150,7 @@ def test_generation_bad_input(tiny_no_eos):
         sj.generate(lm, np.arange(1, 4), temperature=-1.0)
     with pytest.raises(sj.InputError, match="top_p must be in"):
         sj.generate(lm, np.arange(1, 4), top_p=0.0)
-    with pytest.raises(sj.InputError, match="max_new_tokens must be a positive int"):
+    with pytest.raises(sj.InputError, match="max_new_tokens must be an int >= 1"):
         sj.generate(lm, np.arange(1, 4), max_new_tokens=0)
     with pytest.raises(sj.InputError, match="exceeds the model's context of 64"):
         sj.generate(lm, np.arange(1, 30), max_new_tokens=40)

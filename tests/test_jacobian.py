@@ -87,8 +87,7 @@ def test_jacobian_at_a_point_matches_torch_func_jacfwd(tiny_checkpoints, tiny64,
     assert rel_err(ours, np.asarray(sj.jacobian(lm, ids, layer, observable))) > 1e-2  # the point matters
 
 
-@pytest.mark.parametrize("observable", ["logits", "logprobs"])
-@pytest.mark.parametrize("positions", ["last", "all"])
+@pytest.mark.parametrize("observable,positions", [("logprobs", "last"), ("logits", "all")])
 def test_operator_at_a_point_float64(tiny64, observable, positions):
     """Per-prompt points (B, d) on a padded batch: every product, the dense J, value / probs, the exact factors
     and top_singular at the point equal jax.jacfwd of the full forward at x = a_i (float64, rounding only)."""
@@ -237,7 +236,8 @@ def test_unembedding_qr_follows_the_weights(tiny64):
     ids = random_ids(np.random.default_rng(24), 1, 7)[0]
     before = sj.jacobian_operator(lm, ids, 2).singular_values()
     scaled = lm.replace(params={**lm.params, "lm_head": 3.0 * lm.params["lm_head"]})
-    np.testing.assert_allclose(sj.jacobian_operator(scaled, ids, 2).singular_values(), 3.0 * before, rtol=1e-12)
+    np.testing.assert_allclose(sj.jacobian_operator(scaled, ids, 2).singular_values(), 3.0 * before,
+                               rtol=0, atol=F64_TOL * before.max())
     np.testing.assert_array_equal(sj.jacobian_operator(lm, ids, 2).singular_values(), before)
     rotated = lm.replace(params=dict(lm.params))
     rotated.params["lm_head"] = jnp.flip(lm.params["lm_head"], axis=1)    # in place, new array, same shape

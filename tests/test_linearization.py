@@ -18,7 +18,7 @@ def test_linearization_residual_slope_of_a_quadratic_map(x64):
     C3 = rng.normal(size=(V, d, d, d))
     # f(x) = A x + q(x) + c(x): the residual of the first-order expansion at 0 is q(a u) + c(a u)
     fn = lambda x, aux: aux[0] @ x + jnp.einsum("vij,i,j->v", aux[1], x, x) + \
-        jnp.einsum("vijk,i,j,k->v", aux[2], x, x, x)  # noqa: E731
+        jnp.einsum("vijk,i,j,k->v", aux[2], x, x, x)
     aux = (jnp.asarray(A), jnp.asarray(Q), jnp.asarray(C3))
     u = rng.normal(size=d)
     a = np.logspace(-6, 1, 29)
@@ -35,7 +35,7 @@ def test_linearization_residual_slope_of_a_quadratic_map(x64):
     big = linearization.fit_loglog_slope(a, resid, a_max=np.inf, floor=resid[-5] * 0.999)
     assert 2.5 < big.slope < 3.1
     # along a direction with q(u) = 0 (no quadratic term) the residual is cubic
-    fn3 = lambda x, aux: aux[0] @ x + jnp.einsum("vijk,i,j,k->v", aux[2], x, x, x)  # noqa: E731
+    fn3 = lambda x, aux: aux[0] @ x + jnp.einsum("vijk,i,j,k->v", aux[2], x, x, x)
     r3, _ = linearization.linearization_residuals(fn3, jnp.zeros(d), jnp.asarray(u), a, aux)
     assert abs(linearization.fit_loglog_slope(a, r3, floor=1e-12, a_max=1e-1).slope - 3) < 1e-3
     # a purely linear map leaves only rounding noise: nothing to fit above a sensible floor

@@ -338,8 +338,9 @@ def tiny_lm(tiny_with_tokenizer):
     (dict(vector=np.ones(64), alpha=float("nan")), "alpha must be finite"),
     (dict(vector=np.ones(64), alpha=float("inf")), "alpha must be finite"),
     (dict(vector=np.full(64, np.inf)), "64 NaN/inf entries"),
-    (dict(vector=np.ones((1, 64))), "1-D numeric array"),
-    (dict(vector=np.array(["a"] * 64)), "1-D numeric array"),
+    (dict(vector=np.ones((1, 1, 64))), r"numeric array \(d,\) or one per row \(B, d\)"),
+    (dict(vector=np.zeros((0, 64))), r"numeric array \(d,\) or one per row \(B, d\)"),
+    (dict(vector=np.array(["a"] * 64)), r"numeric array \(d,\) or one per row \(B, d\)"),
 ])
 def test_steer_rejects_bad_vectors(kwargs, message):
     with pytest.raises(sj.SteeringError, match=message):
@@ -400,6 +401,7 @@ def test_same_seed_same_json_and_metadata(tiny_with_tokenizer, tmp_path):
     assert meta["model"]["config"]["hidden_size"] == 64 and meta["model"]["source"] == str(tiny_with_tokenizer)
     for key in ("steerjax", "jax", "flax", "numpy", "python", "x64", "backend"):
         assert key in meta
+    assert meta["decode"]["paths_run"] is None            # the geometry study generates nothing
 
 
 def test_every_script_records_model_and_seeds():

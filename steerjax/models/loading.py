@@ -192,7 +192,7 @@ def gguf_config(reader, tensor_shapes: Mapping[str, tuple[int, ...]]) -> ModelCo
     if "rope_freqs.weight" in tensor_shapes:
         raise UnsupportedModelError("GGUF with a rope_freqs tensor (Llama-3 rope scaling) is not supported yet; "
                                     "load the HF safetensors checkpoint instead")
-    get = lambda key, default=None: _gguf_field(reader, f"{arch}.{key}", default)  # noqa: E731
+    get = lambda key, default=None: _gguf_field(reader, f"{arch}.{key}", default)
     if "token_embd.weight" not in tensor_shapes:
         raise WeightError("GGUF file has no token_embd.weight tensor")
     missing = [f"{arch}.{k}" for k in GGUF_REQUIRED_KEYS if get(k) is None]
