@@ -90,7 +90,7 @@ def time_generation(bench: BenchModel, dtype: str, batch: sj.TokenBatch, new_tok
                                       min_new_tokens=new_tokens, pad_token_id=lm.pad_id)
 
         results[f"HF generate ({attn}) + hook"], _ = time_call(run_hf, repeats)
-        del model
+        model = None  # free this attention variant before loading the next
     return results
 
 

@@ -45,8 +45,10 @@ def parse_args(argv):
     p.add_argument("--vector", choices=("shipped", "environment"), default="shipped",
                    help="shipped: the trait-pair vector in every environment (default); environment: "
                         "extracted in each environment by trait framings, rescaled to the shipped vector's norm")
-    p.add_argument("--geometry-prompts", type=int, default=16, help="prompts per environment for the exact J (default 16)")
-    p.add_argument("--k-smallest", type=int, default=64, help="dimension of the bottom singular subspaces compared (default 64)")
+    p.add_argument("--geometry-prompts", type=int, default=16,
+                   help="prompts per environment for the exact J (default 16)")
+    p.add_argument("--k-smallest", type=int, default=64,
+                   help="dimension of the bottom singular subspaces compared (default 64)")
     p.add_argument("--quick", action="store_true",
                    help="preset: 3 prompts x 2 samples, 12 tokens, 2 seeds, 3 geometry prompts (~3 min)")
     p.add_argument("--out", default=None, help="output folder (default results/environments_<protocol>)")
@@ -55,10 +57,12 @@ def parse_args(argv):
         args.max_new_tokens = 150 if args.protocol == "paper" else 40
     if args.quick:
         args.n_prompts, args.samples = min(args.n_prompts, 3), min(args.samples, 2)
-        args.max_new_tokens, args.seeds, args.geometry_prompts = min(args.max_new_tokens, 12), min(args.seeds, 2), min(args.geometry_prompts, 3)
+        args.max_new_tokens, args.seeds = min(args.max_new_tokens, 12), min(args.seeds, 2)
+        args.geometry_prompts = min(args.geometry_prompts, 3)
     cli.check_study_arguments(p, args)
     envs = data.environments()
-    args.environments = list(envs) if args.environments == "all" else [e.strip() for e in args.environments.split(",") if e.strip()]
+    args.environments = (list(envs) if args.environments == "all"
+                         else [e.strip() for e in args.environments.split(",") if e.strip()])
     bad = [e for e in args.environments if e not in envs]
     if bad or not args.environments:
         p.error(f"unknown environment(s) {bad}; choose from {', '.join(envs)} or 'all'")
@@ -134,7 +138,8 @@ def run(args) -> dict:
     envs = data.environments()
     settings = {"model": lm.source, "protocol": protocol.name, "read_layer": read_layer, "steer_layer": steer_layer,
                 "positions": protocol.positions, "traits": args.traits, "environments": args.environments,
-                "alpha": args.alpha, "vector": args.vector, "seeds": args.seeds, "seed": args.seed, "n_prompts": args.n_prompts,
+                "alpha": args.alpha, "vector": args.vector, "seeds": args.seeds, "seed": args.seed,
+                "n_prompts": args.n_prompts,
                 "samples": args.samples, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
                 "probe": args.probe, "quick": args.quick}
     out_dir = Path(args.out)
@@ -167,9 +172,10 @@ def run(args) -> dict:
     print(f"exact J at h{steer_layer} for {args.geometry_prompts} prompts per environment ...", file=sys.stderr)
     geo = {env: environment_geometry(lm, envs[env][: args.geometry_prompts], steer_layer, args.k_smallest)
            for env in tqdm(args.environments, desc="environment Jacobians", file=sys.stderr)}
-    geometry_out = {"layer": steer_layer, "prompts_per_environment": args.geometry_prompts, "k_smallest": args.k_smallest,
-                    "environments": {e: {k: g[k] for k in ("null_dim_stacked", "null_dim_per_prompt_mean", "bottom_rel_sv_max")}
-                                     for e, g in geo.items()},
+    summary_keys = ("null_dim_stacked", "null_dim_per_prompt_mean", "bottom_rel_sv_max")
+    geometry_out = {"layer": steer_layer, "prompts_per_environment": args.geometry_prompts,
+                    "k_smallest": args.k_smallest,
+                    "environments": {e: {k: g[k] for k in summary_keys} for e, g in geo.items()},
                     "pairs": []}
     names = args.environments
     for i, a in enumerate(names):
@@ -181,11 +187,13 @@ def run(args) -> dict:
                 "trait_vector_cosines": {t: float(vectors[a][t] @ vectors[b][t] /
                                                   (np.linalg.norm(vectors[a][t]) * np.linalg.norm(vectors[b][t])))
                                          for t in args.traits}})
+    def null_fraction(factor, eps, v):
+        return spectrum.orthogonal_null_fraction(spectrum.null_space_basis(factor, eps), v)
+
     geometry_out["v_perp_null_fraction"] = {
         e: {t: {spectrum.eps_key(eps): {
-            "per_prompt_mean": float(np.mean([spectrum.orthogonal_null_fraction(spectrum.null_space_basis(f, eps), vectors[e][t])
-                                              for f in geo[e]["factors"]])),
-            "stacked": spectrum.orthogonal_null_fraction(spectrum.null_space_basis(geo[e]["stacked"], eps), vectors[e][t])}
+            "per_prompt_mean": float(np.mean([null_fraction(f, eps, vectors[e][t]) for f in geo[e]["factors"]])),
+            "stacked": null_fraction(geo[e]["stacked"], eps, vectors[e][t])}
             for eps in spectrum.RANK_EPS} for t in args.traits} for e in names}
 
     result = {"model": lm.source, "model_name": Path(lm.source).name, "d": lm.d, "settings": settings,

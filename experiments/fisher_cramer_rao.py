@@ -34,7 +34,7 @@ import numpy as np
 
 import steerjax as sj
 from steerjax import data, fisher, fits, io, spectrum, stats
-from steerjax.cli import ArgumentParser, fmt_or_dash, check_trait, run_cli, trait_study, wrote
+from steerjax.cli import ArgumentParser, fmt, check_trait, run_cli, trait_study, wrote
 
 CHECK_KEYS = ("variance_ratio_mean", "variance_ratio_min", "variance_ratio_max", "variance_ratio_sd",
               "whitened_rel_error", "expected_whitened_rel_error", "frobenius_rel_error",
@@ -293,20 +293,22 @@ def print_tables(result: dict) -> None:
           f"{'(MC exp)':>8} {'LS null':>8} {'null info*tau2':>14} {'MAP-m null':>10} {'MAP null var/tau2':>17} "
           f"{'GD null moved':>13}")
     for r in result["gaussian"]:
-        print(f"{r['n_prompts']:>3} {r['eps']:>7.0e} {r['rank']:>5} {r['null_dim']:>5} {r['variance_ratio_mean']:>10.4f} "
+        print(f"{r['n_prompts']:>3} {r['eps']:>7.0e} {r['rank']:>5} {r['null_dim']:>5} "
+              f"{r['variance_ratio_mean']:>10.4f} "
               f"{r['variance_ratio_min']:>6.3f} {r['variance_ratio_max']:>6.3f} {r['whitened_rel_error']:>10.4f} "
               f"{r['expected_whitened_rel_error']:>8.4f} {r['ls_null_fraction_max']:>8.1e} "
-              f"{fmt_or_dash(r['null_information_times_tau2'], '>14.1e')} {fmt_or_dash(r['map_null_minus_prior_rel_max'], '>10.1e')} {fmt_or_dash(r['map_null_variance_over_tau2'], '>17.4f')} "
-              f"{fmt_or_dash(r['gd_null_moved_rel_max'], '>13.1e')}")
+              f"{fmt(r['null_information_times_tau2'], '>14.1e')} {fmt(r['map_null_minus_prior_rel_max'], '>10.1e')} "
+              f"{fmt(r['map_null_variance_over_tau2'], '>17.4f')} "
+              f"{fmt(r['gd_null_moved_rel_max'], '>13.1e')}")
     print(f"\ncategorical model: top-{s['top_k']} tokens, {s['n_tokens']} tokens per prompt, {s['replicates']} "
           f"replicates, MLE by L-BFGS (MC sd per direction {np.sqrt(2 / (s['replicates'] - 1)):.3f})")
-    print(f"{'N':>3} {'rank':>5} {'N(K-1)':>6} {'ratio mean':>10} {'min':>6} {'max':>6} {'whiten err':>10} {'(MC exp)':>8} "
-          f"{'bias(whit.)':>11} {'min count':>9} {'null moved':>10}")
+    print(f"{'N':>3} {'rank':>5} {'N(K-1)':>6} {'ratio mean':>10} {'min':>6} {'max':>6} {'whiten err':>10} "
+          f"{'(MC exp)':>8} {'bias(whit.)':>11} {'min count':>9} {'null moved':>10}")
     for r in result["categorical"]:
         print(f"{r['n_prompts']:>3} {r['rank']:>5} {r['expected_rank']:>6} {r['variance_ratio_mean']:>10.4f} "
               f"{r['variance_ratio_min']:>6.3f} {r['variance_ratio_max']:>6.3f} {r['whitened_rel_error']:>10.4f} "
               f"{r['expected_whitened_rel_error']:>8.4f} {r['bias_whitened']:>11.3f} {r['min_expected_count']:>9.0f} "
-              f"{fmt_or_dash(r['null_moved_rel_max'], '>10.1e')}")
+              f"{fmt(r['null_moved_rel_max'], '>10.1e')}")
 
 
 def main(argv=None) -> int:

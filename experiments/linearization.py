@@ -27,7 +27,7 @@ import numpy as np
 
 import steerjax as sj
 from steerjax import data, io, linearization, studies, tail
-from steerjax.cli import ArgumentParser, fmt_or_dash, check_trait, run_cli, trait_study, wrote
+from steerjax.cli import ArgumentParser, fmt, check_trait, run_cli, trait_study, wrote
 from steerjax.tail import OBSERVABLES
 
 DIRECTIONS = ("v", "v+v_null", "v_null", "v_perp")
@@ -207,16 +207,17 @@ def plot(result: dict, path: Path) -> None:
 
 def print_tables(result: dict) -> None:
     print(f"{result['model_name']} ({result['dtype']}), layer {result['layer']}, {result['observable']}: residual of "
-          f"the first-order expansion, slope fitted for a <= {result['settings']['fit_max']:g} above the rounding floor")
+          f"the first-order expansion, slope fitted for a <= {result['settings']['fit_max']:g} "
+          "above the rounding floor")
     print(f"{'prompt':>6} {'direction':<9} {'slope':>7} {'n_fit':>5} {'a range':>17} {'large-a slope':>13} "
           f"{'a_10%':>8} {'||Jw||/||Jv||':>13}")
     for r in result["rows"]:
         rng = f"{r['a_fit_min']:.0e}..{r['a_fit_max']:.0e}" if r["a_fit_min"] is not None else "-"
-        print(f"{r['prompt']:>6} {r['direction']:<9} {fmt_or_dash(r['slope'], '>7.3f')} {r['n_fit']:>5} {rng:>17} "
-              f"{fmt_or_dash(r['large_a_slope'], '>13.2f')} {fmt_or_dash(r['a_10pct'], '>8.1e')} {r['jw_over_jv']:>13.2e}")
+        print(f"{r['prompt']:>6} {r['direction']:<9} {fmt(r['slope'], '>7.3f')} {r['n_fit']:>5} {rng:>17} "
+              f"{fmt(r['large_a_slope'], '>13.2f')} {fmt(r['a_10pct'], '>8.1e')} {r['jw_over_jv']:>13.2e}")
     print("\nsummary (over prompts): " + "; ".join(
-        f"{k}: slope {fmt_or_dash(s['slope_median'], '.3f')} [{fmt_or_dash(s['slope_min'], '.3f')}, {fmt_or_dash(s['slope_max'], '.3f')}], "
-        f"a_10% {fmt_or_dash(s['a_10pct_median'], '.1e')}" for k, s in result["summary"].items()))
+        f"{k}: slope {fmt(s['slope_median'], '.3f')} [{fmt(s['slope_min'], '.3f')}, {fmt(s['slope_max'], '.3f')}], "
+        f"a_10% {fmt(s['a_10pct_median'], '.1e')}" for k, s in result["summary"].items()))
 
 
 def main(argv=None) -> int:

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 import steerjax as sj
-from steerjax.cli import ArgumentParser, fmt_or_dash, parse_floats, parse_traits, run_cli, wrote
+from steerjax.cli import ArgumentParser, fmt, parse_floats, parse_traits, run_cli, wrote
 from steerjax import data, io, stats, studies
 
 KINDS = ("orthogonal", "random", "kernel")          # additive, ||delta|| = ||v||
@@ -231,11 +231,12 @@ def print_tables(result: dict) -> None:
     print(head)
     for r in rows:
         print(f"{r['trait']:<11} {r['alpha']:>5g} {r['kind']:<12} {r['l2_mean']:>8.3g} {r['R_vs_random']:>6.2f} "
-              f"{r['l2_rel_steer']:>6.2f} {r['kl_mean']:>9.2e} {fmt_or_dash(r['kl_vs_orthogonal'], '>8.2g')} "
+              f"{r['l2_rel_steer']:>6.2f} {r['kl_mean']:>9.2e} {fmt(r['kl_vs_orthogonal'], '>8.2g')} "
               f"{100 * r['top1_mean']:>6.0f} {100 * r['top10_mean']:>6.0f} {r['jvp_ratio_mean']:>8.2g}")
     steer = {(r["trait"], r["alpha"]): r for r in rows}
     print("\nsteering effect (unsteered vs steer(v)): " + "; ".join(
-        f"{t} a={a:g}: L2 {r['steer_l2_mean']:.3g}, KL {r['steer_kl_mean']:.2e}, top1 kept {100 * r['steer_top1_vs_unsteered']:.0f}%"
+        f"{t} a={a:g}: L2 {r['steer_l2_mean']:.3g}, KL {r['steer_kl_mean']:.2e}, "
+        f"top1 kept {100 * r['steer_top1_vs_unsteered']:.0f}%"
         for (t, a), r in steer.items()))
 
 

@@ -84,7 +84,7 @@ def parse_layers(spec: str, num_layers: int) -> list[int]:
         layers = sorted({int(x) for x in spec.split(",") if x.strip()})
     except ValueError as err:
         raise sj.InputError(f"--layers must be default, all, mid or a comma list of ints, got {spec!r}") from err
-    bad = [l for l in layers if not 0 <= l <= num_layers]
+    bad = [layer for layer in layers if not 0 <= layer <= num_layers]
     if bad or not layers:
         raise sj.InputError(f"--layers {bad or spec} outside [0, {num_layers}] (the model has {num_layers} blocks)")
     return layers
@@ -151,7 +151,7 @@ def run(args) -> dict:
         "prompts": [{"text": t, "token_ids": ids} for t, ids in zip(prompts, token_ids)],
         "settings": key, "config": lm.config.to_dict(), "meta": io.run_metadata(lm, seeds={"seed": args.seed}),
         "complete": False,
-        "layers": [done[l] for l in layers if l in done],
+        "layers": [done[layer] for layer in layers if layer in done],
     }
     if done:
         print(f"resuming: {len(result['layers'])} finished layer(s) found in {json_path}", file=sys.stderr)
@@ -159,7 +159,7 @@ def run(args) -> dict:
     if args.method == "exact":  # the direction v at every layer, from one forward pass per side
         pos_states = last_token_states_all_layers(lm, pairs["positive"])
         neg_states = last_token_states_all_layers(lm, pairs["negative"])
-    todo = [l for l in layers if l not in done]
+    todo = [layer for layer in layers if layer not in done]
     for layer in tqdm(todo, desc="layers", unit="layer", file=sys.stderr):
         t_layer = time.time()
         if args.method == "exact":

@@ -46,7 +46,8 @@ def parse_args(argv):
     p.add_argument("--out", default=None, help="output folder (default results/orthogonal_<protocol>)")
     args = p.parse_args(argv)
     if args.quick:
-        args.n_prompts, args.samples, args.max_new_tokens = min(args.n_prompts, 4), min(args.samples, 2), min(args.max_new_tokens, 16)
+        args.n_prompts, args.samples = min(args.n_prompts, 4), min(args.samples, 2)
+        args.max_new_tokens = min(args.max_new_tokens, 16)
         args.seeds = min(args.seeds, 3)
         args.seed_counts = ",".join(str(n) for n in range(2, args.seeds + 1))
     cli.check_study_arguments(p, args)
@@ -69,7 +70,8 @@ def build_conditions(protocol, vectors, steer_layer, alpha, seeds, base_seed) ->
     conditions = {"base": (None, None, 0.0)}
     perps = {}
     for trait, v in vectors.items():
-        perps[trait] = np.stack([studies.orthogonal_to(v, np.random.default_rng([base_seed, data.TRAITS.index(trait), s]))
+        trait_index = data.TRAITS.index(trait)
+        perps[trait] = np.stack([studies.orthogonal_to(v, np.random.default_rng([base_seed, trait_index, s]))
                                  for s in range(seeds)])
         conditions[f"{trait}/v"] = (steer_layer, v, alpha)
         if protocol.name == "corrected":
@@ -123,7 +125,8 @@ def run(args) -> dict:
     meta = io.run_metadata(lm, seeds={"seed": args.seed, "seeds": args.seeds})
     store = io.UnitStore(out_dir / "orthogonal_units.json", settings, fresh=args.fresh, meta=meta)
     if store.resumed:
-        print(f"resuming: {store.resumed} of {len(conditions)} conditions already done in {store.path}", file=sys.stderr)
+        print(f"resuming: {store.resumed} of {len(conditions)} conditions already done in {store.path}",
+              file=sys.stderr)
     probes = behaviour.make_probes(args.probe, data.TRAITS, lm)
     behaviour.run_conditions(lm, plan, conditions, store, probes, protocol, args.seed, desc="orthogonal conditions")
 
@@ -194,7 +197,8 @@ def plot_effect_sizes(result: dict, path: Path) -> None:
                        label="|d(v, 2v)| (positive control)" if i == 0 else None)
         mdd = r["equivalence_v_vs_pooled_v_plus_perp"]["minimum_detectable_d"]
         ax.hlines(stats.minimum_detectable_d(result["n_rows_per_condition"], result["n_rows_per_condition"]),
-                  i - 0.4, i + 0.4, color="grey", ls=":", label="detectable d, one seed (80% power)" if i == 0 else None)
+                  i - 0.4, i + 0.4, color="grey", ls=":",
+                  label="detectable d, one seed (80% power)" if i == 0 else None)
         ax.hlines(mdd, i - 0.4, i + 0.4, color="black", ls=":", label="detectable d, pooled seeds" if i == 0 else None)
     ax.axhline(0.2, color="red", ls="--", lw=1, label="d = 0.2")
     ax.set(xticks=range(len(traits)), xticklabels=traits, ylabel="|Cohen's d|")

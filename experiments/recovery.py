@@ -27,7 +27,7 @@ import numpy as np
 
 import steerjax as sj
 from steerjax import data, fisher, fits, io, spectrum, stats, studies, tail
-from steerjax.cli import ArgumentParser, fmt_or_dash, check_trait, run_cli, trait_study, wrote
+from steerjax.cli import ArgumentParser, fmt, check_trait, run_cli, trait_study, wrote
 
 SPLITS = ("logprobs", "fisher")
 
@@ -137,8 +137,8 @@ def run(args) -> dict:
         "layer": layer, "prompts": prompts, "heldout_prompts": heldout, "trait": args.trait,
         "v_star_norm": v_norm, "h_norm_mean": float(h_norms.mean()),
         "settings": {k: getattr(args, k) for k in ("n_prompts", "schedule", "n_heldout", "v_scale", "start_scale",
-                                                   "restarts", "optimizer", "linesearch", "lr", "steps", "gtol", "eps", "seed",
-                                                   "quick")},
+                                                   "restarts", "optimizer", "linesearch", "lr", "steps", "gtol",
+                                                   "eps", "seed", "quick")},
         "observed_kl_from_unsteered": kl_rows(unsteered[: args.n_prompts], target[: args.n_prompts]),
         "jacobian_seconds": t_jac, "splits": {
             "logprobs": "eigen-split of sum_i J_i^T J_i, J_i = d log softmax / dh at v* (stacked first N prompts)",
@@ -231,7 +231,8 @@ def pairwise_spread(v_hat: np.ndarray, splits: dict, v_norm: float) -> dict:
         for e, split in by_eps.items():
             diffs = np.stack([v_hat[i] - v_hat[j] for i, j in pairs]) if pairs else None
             key = f"{name}_{spectrum.eps_key(e)}"
-            out[f"{key}_row"] = None if diffs is None else float(np.linalg.norm(diffs @ split.row, axis=1).mean() / v_norm)
+            out[f"{key}_row"] = (None if diffs is None else
+                                 float(np.linalg.norm(diffs @ split.row, axis=1).mean() / v_norm))
             out[f"{key}_null"] = (None if diffs is None or split.null.shape[1] == 0 else
                                   float(np.linalg.norm(diffs @ split.null, axis=1).mean() / v_norm))
     return out
@@ -293,7 +294,7 @@ def print_tables(result: dict) -> None:
                 head += f" {name[:3] + ' ' + _eps_key(e) + ' row/null':>22}"
         print(head)
         for r in design["restarts"]:
-            line = (f"{r['restart']:>5} {r['n_steps']:>5} {r['kl_fit']:>9.2e} {fmt_or_dash(r['kl_unobserved_mean'], '>11.2e')} "
+            line = (f"{r['restart']:>5} {r['n_steps']:>5} {r['kl_fit']:>9.2e} {fmt(r['kl_unobserved_mean'], '>11.2e')} "
                     f"{r['rel_distance']:>7.3f}")
             for name in SPLITS:
                 for e in s["eps"]:
@@ -303,8 +304,8 @@ def print_tables(result: dict) -> None:
             print(line)
         pw = design["pairwise"]
         print("  between restarts, mean ||P (v_i - v_j)|| / ||v*|| row/null: " + "; ".join(
-            f"{name[:3]} {_eps_key(e)} {fmt_or_dash(pw[f'{name}_{_eps_key(e)}_row'], '.2e')}/"
-            f"{fmt_or_dash(pw[f'{name}_{_eps_key(e)}_null'], '.3f')}" for name in SPLITS for e in s["eps"]))
+            f"{name[:3]} {_eps_key(e)} {fmt(pw[f'{name}_{_eps_key(e)}_row'], '.2e')}/"
+            f"{fmt(pw[f'{name}_{_eps_key(e)}_null'], '.3f')}" for name in SPLITS for e in s["eps"]))
 
 
 def main(argv=None) -> int:

@@ -37,7 +37,8 @@ def orthogonal_md(result: dict) -> str:
             d, corr, efficacy = (cli.fmt_pm(row[f"{k}_mean"], row[f"{k}_sd"], spec)
                                  for k, spec in (("d", ".3f"), ("r", ".3f"), ("efficacy", ".1%")))
             lines.append(f"| {trait} | n={row['n_seeds']} | {d} | {corr} | {efficacy} |")
-    lines += ["", "| Trait | mean base | mean v | d(v, base) | mean 2v | d(2v, v) | raw ratio (paper) | (perp−base)/(v−base) | TOST p, v vs pooled v+perp (±0.2 SD) | detectable d |",
+    lines += ["", "| Trait | mean base | mean v | d(v, base) | mean 2v | d(2v, v) | raw ratio (paper) "
+                  "| (perp−base)/(v−base) | TOST p, v vs pooled v+perp (±0.2 SD) | detectable d |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for trait, r in result["traits"].items():
         eq = r["equivalence_v_vs_pooled_v_plus_perp"]
@@ -53,10 +54,12 @@ def orthogonal_md(result: dict) -> str:
 
 def scale_md(result: dict) -> str:
     lines = [f"*{header(result)}, {result['settings']['seeds']} v_perp seeds*", "",
-             "| Trait | alpha | mean v [95% CI] | mean v+v_perp [95% CI] | \\|diff\\| | d (mean ± sd over seeds) | TOST p (±0.2 SD) |",
+             "| Trait | alpha | mean v [95% CI] | mean v+v_perp [95% CI] | \\|diff\\| | d (mean ± sd over seeds) "
+             "| TOST p (±0.2 SD) |",
              "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['trait']} | {r['alpha']:g} | {r['mean_v']:.3f} [{r['ci_v_low']:.3f}, {r['ci_v_high']:.3f}] | "
+        lines.append(f"| {r['trait']} | {r['alpha']:g} | "
+                     f"{r['mean_v']:.3f} [{r['ci_v_low']:.3f}, {r['ci_v_high']:.3f}] | "
                      f"{r['mean_v_plus_perp']:.3f} [{r['ci_perp_low']:.3f}, {r['ci_perp_high']:.3f}] | "
                      f"{r['abs_mean_diff']:.3f} | {cli.fmt_pm(r['d_mean'], r['d_sd'], '.3f')} | "
                      f"{cli.fmt(r['tost_p'], '.3f')} |")
@@ -67,7 +70,8 @@ def environments_md(result: dict) -> str:
     s = result["settings"]
     envs = s["environments"]
     lines = [f"*{result['model_name']}, {s['protocol']} protocol: read h{s['read_layer']}, steer h{s['steer_layer']}, "
-             f"{result['n_rows_per_condition']} samples per condition, {s['max_new_tokens']} tokens, {s['seeds']} seeds*", "",
+             f"{result['n_rows_per_condition']} samples per condition, {s['max_new_tokens']} tokens, "
+             f"{s['seeds']} seeds*", "",
              "\\|d(v_e, v_e + v_perp)\\|, mean over seeds (in brackets: d(v_e, base), the steering effect itself)", "",
              "| Trait | " + " | ".join(envs) + " |", "|---|" + "---|" * len(envs)]
     for t in s["traits"]:
@@ -75,14 +79,17 @@ def environments_md(result: dict) -> str:
         lines.append(f"| {t} | " + " | ".join(f"{cli.fmt(c['abs_d_mean'], '.2f')} ({cli.fmt(c['d_base_vs_v'], '+.2f')})"
                                               for c in cells) + " |")
     g = result["geometry"]
-    lines += ["", f"Exact Jacobian null spaces at h{g['layer']} ({g['prompts_per_environment']} prompts per environment): "
-                  "null dimension at eps = 1e-2 / 1e-3 (per prompt, mean; stacked)", "",
-              "| Environment | per prompt 1e-2 | per prompt 1e-3 | stacked 1e-2 | stacked 1e-3 |", "|---|---|---|---|---|"]
+    lines += ["", f"Exact Jacobian null spaces at h{g['layer']} ({g['prompts_per_environment']} prompts per "
+                  "environment): null dimension at eps = 1e-2 / 1e-3 (per prompt, mean; stacked)", "",
+              "| Environment | per prompt 1e-2 | per prompt 1e-3 | stacked 1e-2 | stacked 1e-3 |",
+              "|---|---|---|---|---|"]
     for e, v in g["environments"].items():
-        lines.append(f"| {e} | {v['null_dim_per_prompt_mean']['1e-02']:.1f} | {v['null_dim_per_prompt_mean']['1e-03']:.1f} | "
+        per_prompt = v["null_dim_per_prompt_mean"]
+        lines.append(f"| {e} | {per_prompt['1e-02']:.1f} | {per_prompt['1e-03']:.1f} | "
                      f"{v['null_dim_stacked']['1e-02']} | {v['null_dim_stacked']['1e-03']} |")
-    lines += ["", f"Principal angles between the environments' bottom-{g['k_smallest']} singular subspaces of the stacked J "
-                  f"(random subspaces: mean cos² = {g['k_smallest'] / result['d']:.3f}) and cosines of their trait vectors", "",
+    lines += ["", f"Principal angles between the environments' bottom-{g['k_smallest']} singular subspaces of the "
+                  f"stacked J (random subspaces: mean cos² = {g['k_smallest'] / result['d']:.3f}) and cosines of their "
+                  "trait vectors", "",
               "| A | B | mean cos² | smallest angle | " + " | ".join(f"cos(v_A, v_B) {t}" for t in s["traits"]) + " |",
               "|---|---|---|---|" + "---|" * len(s["traits"])]
     for p in g["pairs"]:
@@ -100,7 +107,8 @@ def logit_equivalence_md(result: dict) -> str:
     lines = [f"*{result['model_name']}, {pr['name']} protocol: read h{pr['read_layer']}, steer h{pr['steer_layer']} "
              f"({pr['positions']}), {s['n_prompts']} prompts x {s['seeds']} seeds, kernel = {s['k_smallest']} smallest "
              f"singular directions of J*", "",
-             f"| Trait | alpha | R | Agreement% | Overlap% | {paper_cols} |", "|---|---|---|---|---|" + "---|" * len(PAPER_TABLE3)]
+             f"| Trait | alpha | R | Agreement% | Overlap% | {paper_cols} |",
+             "|---|---|---|---|---|" + "---|" * len(PAPER_TABLE3)]
     for t in s["traits"]:
         for i, a in enumerate(s["alphas"]):
             r = rows[(t, a, "orthogonal")]
@@ -110,7 +118,8 @@ def logit_equivalence_md(result: dict) -> str:
                          f"| {paper} |")
     lines += ["", "Norm-matched perturbations (‖delta‖ = ‖v‖) against steer(v): KL(steer(v) ‖ steer(v + delta)) "
                   "and, in brackets, top-1 agreement; J-ratio = ‖J delta‖ / ‖J v‖ for the kernel draws", "",
-              "| Trait | alpha | orthogonal | random | kernel | kernel / orthogonal KL | kernel J-ratio | r replacing v (paper) |",
+              "| Trait | alpha | orthogonal | random | kernel | kernel / orthogonal KL | kernel J-ratio "
+              "| r replacing v (paper) |",
               "|---|---|---|---|---|---|---|---|"]
     for t in s["traits"]:
         for a in s["alphas"]:

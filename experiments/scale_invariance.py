@@ -1,8 +1,9 @@
 """Scale invariance (the paper's Section 6.3 / Figure 3): trait scores under alpha * v and
 alpha * (v + v_perp_s) for alpha in --alphas (default 0, 0.5, 1, 2), with 95% confidence bands.
 
-alpha = 0 is the unsteered model (one condition shared by both curves); the plot also marks each seed's mean. v is the trait's mean-difference
-vector at the read layer; v_perp_s (s < --seeds) Gaussian Gram-Schmidt'ed against v with ||v_perp_s|| = ||v||;
+alpha = 0 is the unsteered model (one condition shared by both curves); the plot also marks each seed's mean. v is
+the trait's mean-difference vector at the read layer; v_perp_s (s < --seeds) Gaussian Gram-Schmidt'ed against v
+with ||v_perp_s|| = ||v||;
 steering at the protocol's steer layer on the last prompt token and every generated token. Bands are
 t-intervals over per-prompt means (the samples of one prompt are not independent); the v+v_perp curve pools
 its seeds. Per alpha: |mean(v) - mean(v+v_perp)| (the paper's "mean difference"), Cohen's d per seed
@@ -35,7 +36,8 @@ def parse_args(argv):
     p.add_argument("--out", default=None, help="output folder (default results/scale_invariance_<protocol>)")
     args = p.parse_args(argv)
     if args.quick:
-        args.n_prompts, args.samples, args.max_new_tokens = min(args.n_prompts, 4), min(args.samples, 2), min(args.max_new_tokens, 16)
+        args.n_prompts, args.samples = min(args.n_prompts, 4), min(args.samples, 2)
+        args.max_new_tokens = min(args.max_new_tokens, 16)
         args.seeds = min(args.seeds, 2)
     cli.check_study_arguments(p, args)
     args.alphas = sorted(set(cli.parse_floats(p, args.alphas, "--alphas")))
@@ -115,7 +117,8 @@ def run(args) -> dict:
     meta = io.run_metadata(lm, seeds={"seed": args.seed, "seeds": args.seeds})
     store = io.UnitStore(out_dir / "scale_invariance_units.json", settings, fresh=args.fresh, meta=meta)
     if store.resumed:
-        print(f"resuming: {store.resumed} of {len(conditions)} conditions already done in {store.path}", file=sys.stderr)
+        print(f"resuming: {store.resumed} of {len(conditions)} conditions already done in {store.path}",
+              file=sys.stderr)
     probes = behaviour.make_probes(args.probe, data.TRAITS, lm)
     behaviour.run_conditions(lm, plan, conditions, store, probes, protocol, args.seed, desc="scale conditions")
 
@@ -156,7 +159,8 @@ def plot_curves(result: dict, path: Path) -> None:
         ax.set(xlabel="alpha", ylabel=f"{trait} score (95% CI over prompts)", title=trait)
         ax.legend()
     s = result["settings"]
-    fig.suptitle(f"{result['model_name']}: {s['protocol']} protocol\n(read h{s['read_layer']}, steer h{s['steer_layer']}, "
+    fig.suptitle(f"{result['model_name']}: {s['protocol']} protocol\n"
+                 f"(read h{s['read_layer']}, steer h{s['steer_layer']}, "
                  f"{result['n_rows_per_condition']} samples/condition, {s['seeds']} v_perp seeds)", fontsize=8)
     plotting.save_figure(fig, path)
 
@@ -169,7 +173,8 @@ def print_table(result: dict) -> None:
           f"{'d (mean+-sd)':>15} {'TOST p':>7}")
     for r in result["rows"]:
         print(f"{r['trait']:<11} {r['alpha']:>5g} {r['mean_v']:>7.3f} [{r['ci_v_low']:.3f}, {r['ci_v_high']:.3f}] "
-              f"{r['mean_v_plus_perp']:>9.3f} [{r['ci_perp_low']:.3f}, {r['ci_perp_high']:.3f}] {r['abs_mean_diff']:>7.3f} "
+              f"{r['mean_v_plus_perp']:>9.3f} [{r['ci_perp_low']:.3f}, {r['ci_perp_high']:.3f}] "
+              f"{r['abs_mean_diff']:>7.3f} "
               f"{cli.fmt(r['d_mean'], '+.3f'):>8} +- {cli.fmt(r['d_sd'], '.3f'):<5} {cli.fmt(r['tost_p'], '.3f'):>7}")
 
 

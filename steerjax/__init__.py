@@ -14,7 +14,9 @@ from steerjax.steering import POSITION_MODES, Steer
 
 
 __all__ = [
-    "ForwardOutput", "extract_vector", "GenerationOutput", "generate", "generated_texts", "InputError", "JacobianOperator", "jacobian", "jacobian_operator", "LanguageModel", "ModelConfig", "ModelNotFoundError", "POSITION_MODES",
+    "ForwardOutput", "extract_vector", "GenerationOutput", "generate", "generated_texts", "InputError",
+    "JacobianOperator", "jacobian", "jacobian_operator", "LanguageModel", "ModelConfig", "ModelNotFoundError",
+    "POSITION_MODES",
     "Steer", "SteeringError", "SteerjaxError", "TokenBatch", "UnsupportedModelError", "WeightError",
     "load_model", "load_sharded", "make_mesh", "shard_model", "__version__",
 ]

@@ -139,7 +139,6 @@ def fmt(x, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
-fmt_or_dash = fmt  # the former name of `fmt`
 
 
 def fmt_pm(mean, sd, spec: str, sep: str = " ± ") -> str:

@@ -245,7 +245,8 @@ def covariance_check(samples, bound, basis, truth=None) -> dict:
         "whitened_rel_error": float(np.linalg.norm(W - np.eye(r)) / np.sqrt(r)),
         "expected_whitened_rel_error": float(np.sqrt((r + 1) / (n - 1))),
         "frobenius_rel_error": float(np.linalg.norm(S - B) / np.linalg.norm(B)),
-        "expected_frobenius_rel_error": float(np.sqrt(np.sum(B**2) + np.trace(B) ** 2) / (np.sqrt(n - 1) * np.linalg.norm(B))),
+        "expected_frobenius_rel_error": float(np.sqrt(np.sum(B**2) + np.trace(B) ** 2)
+                                              / (np.sqrt(n - 1) * np.linalg.norm(B))),
         "min_whitened_eig": float(np.linalg.eigvalsh(0.5 * (W + W.T)).min()),
         "bound_variances": w, "variance_ratios": ratios,
     }

@@ -29,9 +29,14 @@ from steerjax.checks import check_index, check_int, check_layer, finite_array
 from steerjax.errors import InputError
 from steerjax.model import LanguageModel, TokenBatch, as_token_batch
 from steerjax.models import causal_lm
-from steerjax.tail import (OBSERVABLES, TAIL_POSITIONS, TailContext, default_chunk, jacfwd_chunked, observe,
-                           tail_context, tail_fn)
+from steerjax.tail import (TAIL_POSITIONS, TailContext, default_chunk, jacfwd_chunked, observe, tail_context,
+                           tail_fn)
+from steerjax.tail import OBSERVABLES as FUNCTION_OBSERVABLES
 
+# "fisher": the whitened logit Jacobian J_F = diag(sqrt p)(I - 1 p^T) J_logits (p: next-token probabilities at the
+# point), so ||J_F u||^2 = u^T F u with F the categorical Fisher information in h_l: a steer s u changes the
+# next-token distribution by KL = 0.5 s^2 ||J_F u||^2 nats to second order (either direction of the KL)
+OBSERVABLES = (*FUNCTION_OBSERVABLES, "fisher")
 JACOBIAN_POSITIONS = TAIL_POSITIONS
 UNEMBEDDING_QR = "unembedding_qr"
 
@@ -86,29 +91,55 @@ def apply_transpose(fns, u):
     return fns[1](u)
 
 
+def whiten(probs, y):
+    """diag(sqrt p)(I - 1 p^T) y for logit tangents y (..., V) and probabilities p (..., V)."""
+    return jnp.sqrt(probs) * (y - jnp.sum(probs * y, axis=-1, keepdims=True))
+
+
+def whiten_transpose(probs, u):
+    """(I - p 1^T) diag(sqrt p) u: the transpose of `whiten` applied to cotangents u (..., V)."""
+    su = jnp.sqrt(probs) * u
+    return su - probs * jnp.sum(su, axis=-1, keepdims=True)
+
+
 @functools.lru_cache(maxsize=None)
 def operator_functions(config, observable: str, positions: str, recompute: bool, chunk: int) -> OperatorFunctions:
     """`OperatorFunctions` for one configuration, built once (their identities are stable, so the jit caches of
     the Krylov solvers, which take them as static arguments, are shared by every operator)."""
     tail = tail_fn(config, positions, recompute)
+    fisher = observable == "fisher"
+    function_observable = "logits" if fisher else observable   # the fisher map whitens the logits' tangents
 
     def f_obs(params, ctx, x):
-        return observe(config, params, tail(params["blocks"], ctx, x), observable)
+        return observe(config, params, tail(params["blocks"], ctx, x), function_observable)
+
+    def out_tangent(primal, y):
+        """J v from the function's tangent y: whitened for the fisher observable (p from the primal logits)."""
+        return whiten(jax.nn.softmax(primal, axis=-1), y) if fisher else y
+
+    def in_cotangent(primal, u):
+        return whiten_transpose(jax.nn.softmax(primal, axis=-1), u) if fisher else u
 
     def normed(params, ctx, x):
         return causal_lm.final_norm(config, params, tail(params["blocks"], ctx, x))
 
     def matvec(params, ctx, at, v):
-        return jax.jvp(lambda x: f_obs(params, ctx, x), (at,), (v,))[1]
+        primal, y = jax.jvp(lambda x: f_obs(params, ctx, x), (at,), (v,))
+        return out_tangent(primal, y)
 
     def rmatvec(params, ctx, at, u):
-        return jax.vjp(lambda x: f_obs(params, ctx, x), at)[1](u)[0]
+        primal, pullback = jax.vjp(lambda x: f_obs(params, ctx, x), at)
+        return pullback(in_cotangent(primal, u).astype(primal.dtype))[0]
 
     def gram_matvec(params, ctx, at, v):
         return rmatvec(params, ctx, at, matvec(params, ctx, at, v))
 
     def dense(params, ctx, at):
-        return jacfwd_chunked(lambda x: f_obs(params, ctx, x), at, chunk)
+        jac = jacfwd_chunked(lambda x: f_obs(params, ctx, x), at, chunk)  # (V, d)
+        if not fisher:
+            return jac
+        p = jax.nn.softmax(f_obs(params, ctx, at))
+        return jnp.sqrt(p)[:, None] * (jac - p @ jac)
 
     def normed_jacobian(params, ctx, at):
         return jacfwd_chunked(lambda x: normed(params, ctx, x), at, chunk)
@@ -121,7 +152,8 @@ def operator_functions(config, observable: str, positions: str, recompute: bool,
         params, ctx, at = args
         out, jvp_fn = jax.linearize(lambda x: f_obs(params, ctx, x), at)
         transpose = jax.linear_transpose(jvp_fn, at)
-        return (lambda v: jvp_fn(v).astype(ctx.h.dtype)), (lambda u: transpose(u.astype(out.dtype))[0])
+        return ((lambda v: out_tangent(out, jvp_fn(v)).astype(ctx.h.dtype)),
+                (lambda u: transpose(in_cotangent(out, u).astype(out.dtype))[0]))
 
     def linearise_reduced(args):
         """Closures (v -> M D v, y -> D^T M^T y) for the reduced operator M D (r x d) with the same singular
@@ -136,9 +168,13 @@ def operator_functions(config, observable: str, positions: str, recompute: bool,
         params, ctx, at = args
         return jnp.sum(jax.vmap(gram_matvec, in_axes=(None, 0, 0, None))(params, ctx, at, v), axis=0)
 
+    def value(params, ctx, at):
+        out = f_obs(params, ctx, at)
+        return jax.nn.log_softmax(out, axis=-1) if fisher else out
+
     over_prompts = lambda fn, *axes: xla.jit(jax.vmap(fn, in_axes=(None, 0, 0, *axes)))
     return OperatorFunctions(
-        value=over_prompts(lambda p, ctx, at: f_obs(p, ctx, at)),
+        value=over_prompts(value),
         probs=over_prompts(probs),
         matvec=over_prompts(matvec, 0),
         rmatvec=over_prompts(rmatvec, 0),
@@ -172,12 +208,23 @@ def observable_factor(reduction: dict[str, np.ndarray], w_unembed: np.ndarray, o
                       probs: np.ndarray | None = None) -> np.ndarray:
     """M with orthonormal-column E such that (output map) = E M: logits W_U = Q R gives M = R (d, d);
     log-probs (I - 1 p^T) W_U = [Q, r/|r|] [[R - b wbar^T], [-|r| wbar^T]] with wbar = W_U^T p, so
-    M is (d + 1, d). sigma(J) = sigma(M D) for D = d norm(h_L)/dx."""
+    M is (d + 1, d); fisher: `fisher_factor` (d, d). sigma(J) = sigma(M D) for D = d norm(h_L)/dx."""
     if observable == "logits":
         return reduction["R"]
+    if observable == "fisher":
+        return fisher_factor(w_unembed, probs)
     wbar = w_unembed.T @ np.asarray(probs, np.float64)
     top = reduction["R"] - np.outer(reduction["b"], wbar)
     return np.vstack([top, -reduction["r_norm"] * wbar[None, :]])
+
+
+def fisher_factor(w_unembed: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """M_F (d, d) float64 with diag(sqrt p)(I - 1 p^T) W_U = E M_F, E orthonormal columns: the R of a thin QR of
+    that V x d matrix (never its Gram W_U^T (diag p - p p^T) W_U, whose small eigenvalues would drown in
+    rounding). sigma(J_F) = sigma(M_F D) and M_F^T M_F is the categorical Fisher in the final-norm output."""
+    p = np.asarray(probs, np.float64)
+    w = np.asarray(w_unembed, np.float64)
+    return np.linalg.qr(np.sqrt(p)[:, None] * (w - (p @ w)[None, :]), mode="r")
 
 
 # ----------------------------------------------------------------------------- public operator
@@ -239,7 +286,7 @@ class JacobianOperator:
         return fn(self.lm.params, self.ctx, self.point, *args)
 
     def value(self):
-        """Observable at the last position at the operator's point (B, V)."""
+        """Observable at the last position at the operator's point (B, V) (log-probabilities for "fisher")."""
         return self._call(self.fns.value)
 
     def probs(self):
@@ -353,7 +400,7 @@ class JacobianOperator:
     def observable_factors(self, prompts: list[int] | None = None) -> np.ndarray:
         """M_i (B, r, d) float64 for the prompt indices `prompts` (default all): the output map
         restricted to the final-norm output is E_i M_i with orthonormal-column E_i (r = d for logits, the
-        same R for every prompt; d + 1 for log-probs, from the probabilities at the point; see
+        same R for every prompt; d + 1 for log-probs and d for fisher, from the probabilities at the point; see
         `observable_factor`)."""
         reduction = unembedding_reduction(self.lm)
         count = self.num_prompts if prompts is None else len(prompts)
@@ -362,14 +409,14 @@ class JacobianOperator:
         w = np.asarray(self.lm.unembedding, np.float64)
         probs = np.asarray(self.probs(), np.float64)
         probs = probs if prompts is None else probs[prompts]
-        return np.stack([observable_factor(reduction, w, "logprobs", p) for p in probs])
+        return np.stack([observable_factor(reduction, w, self.observable, p) for p in probs])
 
     def observable_factor(self, prompt: int = 0) -> np.ndarray:
         """M (r, d) float64 of one prompt (see `observable_factors`)."""
         return self.observable_factors([prompt])[0]
 
     def factors(self) -> np.ndarray:
-        """Exact float64 factors C_i = M_i D_i (B, r, d) at the point, r = d (logits) or d + 1 (logprobs):
+        """Exact float64 factors C_i = M_i D_i (B, r, d) at the point, r = d (logits, fisher) or d + 1 (logprobs):
         sigma(J_i) = sigma(C_i) and J_i^T J_i = C_i^T C_i. The one place the exact factor is formed."""
         d_mats = np.asarray(self.normed_tail_jacobian(), np.float64)
         with blas.dense_threads(self.lm.d):

@@ -31,7 +31,8 @@ def test_generation_plan_rows_are_prompt_major():
 
 @pytest.mark.parametrize("kw, match", [
     (dict(prompts=()), "prompt"), (dict(prompts=("a", " ")), "prompt"), (dict(samples_per_prompt=0), "samples"),
-    (dict(max_new_tokens=0), "tokens"), (dict(temperature=0.0), "temperature"), (dict(temperature=np.nan), "temperature"),
+    (dict(max_new_tokens=0), "tokens"), (dict(temperature=0.0), "temperature"),
+    (dict(temperature=np.nan), "temperature"),
 ])
 def test_generation_plan_rejects_bad_settings(kw, match):
     with pytest.raises(sj.InputError, match=match):
@@ -93,7 +94,8 @@ def test_effect_size_and_efficacy_follow_the_protocol():
     assert behaviour.effect_size(PAPER, b, a) == pytest.approx(stats.paper_cohens_d(b, a)) and \
         behaviour.effect_size(PAPER, b, a) > 0
     assert behaviour.efficacy(PAPER, b, a, base) == pytest.approx(b.mean() / a.mean())
-    assert behaviour.efficacy(CORRECTED, b, a, base) == pytest.approx((b.mean() - base.mean()) / (a.mean() - base.mean()))
+    expected = (b.mean() - base.mean()) / (a.mean() - base.mean())
+    assert behaviour.efficacy(CORRECTED, b, a, base) == pytest.approx(expected)
     const = np.full(10, 0.5)
     assert behaviour.effect_size(CORRECTED, const, const) is None
     assert behaviour.efficacy(CORRECTED, a, const, const) is None          # v has no effect: undefined, not inf

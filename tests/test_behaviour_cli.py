@@ -81,7 +81,8 @@ def test_orthogonal_cli(serve_smollm2, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--traits", "sarcasm"], "unknown trait"), (["--seeds", "1"], "--seeds"), (["--seed-counts", "5", "--seeds", "3"], "seed-counts"),
+    (["--traits", "sarcasm"], "unknown trait"), (["--seeds", "1"], "--seeds"),
+    (["--seed-counts", "5", "--seeds", "3"], "seed-counts"),
     (["--alpha", "nan"], "--alpha"), (["--temperature", "0"], "--temperature"), (["--n-prompts", "0"], "--n-prompts"),
 ])
 def test_orthogonal_cli_rejects_bad_flags(argv, message, capsys):

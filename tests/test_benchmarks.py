@@ -23,7 +23,8 @@ def test_jacobian_spectrum_benchmark_runs_and_agrees_with_peers(tiny_checkpoints
         assert heading in out
     # float32 everywhere: every route agrees with the exact spectrum to well under 1e-4 of sigma_max
     agreement = re.search(r"agreement \(max \|diff\| / sigma_max\): (.*)", out).group(1)
-    accuracy = re.search(r"accuracy of the top 4 vs the exact spectrum \(max \|diff\| / sigma_max\): (.*)", out).group(1)
+    accuracy = re.search(r"accuracy of the top 4 vs the exact spectrum \(max \|diff\| / sigma_max\): (.*)",
+                         out).group(1)
     errors = [float(x) for x in re.findall(r" (\d\.\de[-+]\d\d)", " " + agreement + ", " + accuracy)]
     assert len(errors) == 7 and max(errors) < 1e-4, (agreement, accuracy)
     assert out.count("converged True") == 3  # auto route, block Lanczos on M D and on J

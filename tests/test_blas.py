@@ -1,10 +1,13 @@
 """The BLAS thread policy for float64 d x d work (steerjax.blas)."""
 
 import numpy as np
-import scipy.linalg  # noqa: F401  (scipy ships its own OpenBLAS: the policy must cover it too)
+import scipy.linalg
 from threadpoolctl import threadpool_info, threadpool_limits
 
 from steerjax import blas
+
+# scipy ships its own OpenBLAS: loading it here makes the policy's tests cover that library too
+SCIPY_GEMM = scipy.linalg.get_blas_funcs("gemm")
 
 
 def blas_threads() -> set[int]:

@@ -54,8 +54,8 @@ def test_pack_panels_layout():
     w = rng.standard_normal((3, 5, 24)).astype(np.float32)
     panels = np.asarray(cpu_kernels.pack_panels(jnp.asarray(w)))
     assert panels.shape == (3, 3, 5, 8)
-    for l, p, k, j in [(0, 0, 0, 0), (2, 1, 4, 7), (1, 2, 3, 5)]:
-        assert panels[l, p, k, j] == w[l, k, 8 * p + j]
+    for layer, p, k, j in [(0, 0, 0, 0), (2, 1, 4, 7), (1, 2, 3, 5)]:
+        assert panels[layer, p, k, j] == w[layer, k, 8 * p + j]
     u = rng.standard_normal((16, 5)).astype(np.float32)  # (N, K), used as x @ u.T
     rows = np.asarray(cpu_kernels.pack_panels(jnp.asarray(u).T[None]))  # as generation packs W_U
     assert rows.shape == (1, 2, 5, 8)
@@ -89,7 +89,7 @@ def test_panel_matmul_threads_large_products_and_traced_layers():
     x = rng.standard_normal((8, 576)).astype(np.float32)
     w = rng.standard_normal((2, 576, 1536)).astype(np.float32)
     panels = cpu_kernels.pack_panels(jnp.asarray(w))
-    ys = jax.jit(lambda x, p: jax.lax.map(lambda l: cpu_kernels.panel_matmul(x, p, l), jnp.arange(2)))(x, panels)
+    ys = jax.jit(lambda x, p: jax.lax.map(lambda i: cpu_kernels.panel_matmul(x, p, i), jnp.arange(2)))(x, panels)
     for layer in range(2):
         assert_product_close(ys[layer], x, w[layer])
 

@@ -244,3 +244,46 @@ def test_unembedding_qr_follows_the_weights(tiny64):
     s_dense = np.linalg.svd(np.asarray(sj.jacobian(rotated, ids, 2)), compute_uv=False)[: lm.d]
     np.testing.assert_allclose(sj.jacobian_operator(rotated, ids, 2).singular_values()[0], s_dense,
                                rtol=0, atol=F64_TOL * s_dense[0])
+
+
+@pytest.mark.parametrize("positions", ["last", "all"])
+def test_fisher_observable_is_the_whitened_logit_jacobian(tiny64, positions):
+    """observable="fisher": J_F = diag(sqrt p)(I - 1 p^T) J_logits (p at the point), in every product, the dense
+    J, the exact factors (QR of the whitened W_U) and top_singular; and 0.5 s^2 ||J_F u||^2 is the second-order
+    term of the exact KL of a steer s u (float64: the ratio tends to 1 linearly in s)."""
+    lm, layer = tiny64["llama3_untied_gqa2"], 1
+    rng = np.random.default_rng(25)
+    batch = sj.model.left_pad([list(rng.integers(1, 150, size=n)) for n in (7, 5)], pad_id=0)
+    at = rng.normal(size=lm.d)
+    logit_op = sj.jacobian_operator(lm, batch, layer, "logits", positions, at=at)
+    op = sj.jacobian_operator(lm, batch, layer, "fisher", positions, at=at)
+    p = np.asarray(logit_op.probs())
+    J = np.asarray(logit_op.dense())
+    ref = np.sqrt(p)[:, :, None] * (J - np.einsum("bv,bvd->bd", p, J)[:, None, :])
+    assert rel_err(np.asarray(op.dense()), ref) <= F64_TOL
+    v, u = rng.normal(size=(2, lm.d)), rng.normal(size=(2, 160))
+    assert rel_err(op.matvec(v), np.einsum("bvd,bd->bv", ref, v)) <= F64_TOL
+    assert rel_err(op.rmatvec(u), np.einsum("bvd,bv->bd", ref, u)) <= F64_TOL
+    x = rng.normal(size=lm.d)
+    assert rel_err(op.gram_matvec(x), sum(j.T @ (j @ x) for j in ref)) <= F64_TOL
+    np.testing.assert_allclose(np.asarray(op.value()), np.log(p), atol=1e-12)
+    factors = op.factors()
+    assert factors.shape == (2, lm.d, lm.d)
+    for row in range(2):
+        gram = ref[row].T @ ref[row]
+        np.testing.assert_allclose(factors[row].T @ factors[row], gram, rtol=0, atol=F64_TOL * np.abs(gram).max())
+        s_ref = np.linalg.svd(ref[row], compute_uv=False)
+        for method in ("dense", "lanczos"):
+            top = op.top_singular(3, prompt=row, method=method, tol=1e-8, block=16)
+            np.testing.assert_allclose(np.asarray(top.s), s_ref[:3], rtol=1e-7)
+            assert rel_err(np.asarray(top.u), ref[row] @ np.asarray(top.v) / np.asarray(top.s)) <= 1e-7
+    # the second-order KL: exact KL(p(at) || p(at + s w)) / (0.5 s^2 ||J_F w||^2) -> 1 as s -> 0, error O(s)
+    w = rng.normal(size=lm.d)
+    w /= np.linalg.norm(w)
+    quad = 0.5 * np.linalg.norm(np.asarray(op.matvec(w)), axis=1) ** 2
+    errors = []
+    for s in (1e-2, 1e-3):
+        steered = np.asarray(sj.jacobian_operator(lm, batch, layer, "logits", positions, at=at + s * w).probs())
+        kl = np.sum(p * (np.log(p) - np.log(steered)), axis=1)
+        errors.append(np.max(np.abs(kl / (s**2 * quad) - 1)))
+    assert errors[1] < 2e-2 and errors[1] < 0.3 * errors[0]

@@ -186,7 +186,8 @@ def test_cli_end_to_end(cli, tmp_path, capsys, monkeypatch):
         assert len(list(csv.DictReader(f))) == 4
     assert (out / "kl_by_kind.png").stat().st_size > 10_000
     md = load_experiment("report").folder_markdown(out)       # Table 3 in the paper's format, from the JSON
-    assert f"| formality | 0.5 | {rows['orthogonal']['R_vs_paper_random']:.2f} | {rows['orthogonal']['top1_mean']:.0%} |" in md
+    orth = rows["orthogonal"]
+    assert f"| formality | 0.5 | {orth['R_vs_paper_random']:.2f} | {orth['top1_mean']:.0%} |" in md
     assert f"{rows['kernel']['kl_vs_orthogonal']:.3f} | {rows['kernel']['jvp_ratio_mean']:.1e}" in md
 
 

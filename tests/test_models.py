@@ -51,7 +51,7 @@ def test_logits_match_hf_float64(tiny_checkpoints, name):
     err = rel_err(out.logits, ref_logits)
     print(f"{name}: float64 logits relative error vs HF .double() = {err:.2e}")
     assert err <= F64_TOL
-    assert max(rel_err(out.hidden[l], ref_hidden[l]) for l in range(lm.num_layers)) <= F64_TOL
+    assert max(rel_err(out.hidden[i], ref_hidden[i]) for i in range(lm.num_layers)) <= F64_TOL
 
 
 def test_left_padded_batch_equals_single_prompts(tiny_checkpoints):

@@ -104,3 +104,12 @@ def test_scripts_call_no_private_name(folder):
             if private.search(code) or re.search(r"\bop\.ctx\b|\bcausal_lm\.", code):
                 hits.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
     assert hits == []
+
+
+def test_no_noqa_comments():
+    """Lint exceptions live in pyproject.toml's ruff configuration, not in comments."""
+    hits = [f"{path.relative_to(ROOT)}:{number}"
+            for folder in ("steerjax", "experiments", "benchmarks", "tests", "notebooks")
+            for path in [*(ROOT / folder).rglob("*.py"), *(ROOT / folder).rglob("*.ipynb")]
+            for number, line in enumerate(path.read_text().splitlines(), 1) if "# " + "noqa" in line]
+    assert hits == []

@@ -112,7 +112,8 @@ def safetensors_files(folder: Path) -> list[Path]:
     if single.is_file():
         return [single]
     pickled = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
-    hint = f" (found {pickled}: steerjax never unpickles .bin/.pt checkpoints; convert to safetensors)" if pickled else ""
+    hint = (f" (found {pickled}: steerjax never unpickles .bin/.pt checkpoints; convert to safetensors)"
+            if pickled else "")
     raise WeightError(f"{folder} has no model.safetensors or model.safetensors.index.json{hint}")
 
 
@@ -245,7 +246,8 @@ def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
         try:
             values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
         except Exception as err:
-            raise WeightError(f"cannot dequantize GGUF tensor {tensor.name} ({tensor.tensor_type.name}): {err}") from err
+            raise WeightError(f"cannot dequantize GGUF tensor {tensor.name} ({tensor.tensor_type.name}): "
+                              f"{err}") from err
         values = np.asarray(values, np.float32).reshape(shapes[tensor.name])
         if config.model_type == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
             values = unpermute_rope_rows(values, config.num_heads)
