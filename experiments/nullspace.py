@@ -1,8 +1,13 @@
-"""Main job: exact null-space geometry of J_l = d(last-position logits) / d h_l, layer by layer.
+"""Main job: exact null-space geometry of the layer-to-output Jacobian J_l = d(last-position output) / d h_l.
 
 Default (no arguments): embedded SmolLM2-135M-Instruct, layers every 5th plus L/2 and L, 16 built-in
-neutral prompts, exact spectra. Writes DIR/nullspace.json (after every finished layer; a rerun with the
-same settings resumes), spectrum.png, effective_rank.png, stacked_null_dim.png, and prints a table.
+neutral prompts, exact spectra of the gauge-free observable "fisher" (J_F = diag(sqrt p)(I - 1 p^T) J_logits,
+the whitened logit Jacobian: 0.5 s^2 ||J_F u||^2 is the next-token KL in nats of a steer s u), with null
+dimensions in absolute KL units (tau = 1e-2, 1e-3, 1e-4 nats at s = 0.1 x median ||h_l||) next to the relative
+counts (eps x sigma_max). --observable logits gives the paper's J, whose top left singular direction is the
+softmax's constant shift (the JSON records its |cos| with the all-ones vector).
+Writes DIR/nullspace.json (after every finished layer; a rerun with the same settings resumes), spectrum.png,
+effective_rank.png, stacked_null_dim.png, and prints a table.
 """
 
 from __future__ import annotations
@@ -30,7 +35,13 @@ def parse_args(argv):
     p.add_argument("--prompts", default="builtin", help="'builtin', a .txt file (one prompt per line) or a "
                                                          ".json list of strings / {\"prompts\": [...]}")
     p.add_argument("--n-prompts", type=int, default=16, help="number of prompts to use (default 16)")
-    p.add_argument("--observable", choices=OBSERVABLES, default="logits")
+    p.add_argument("--observable", choices=OBSERVABLES, default="fisher",
+                   help="fisher (default, gauge-free: the whitened logit Jacobian diag(sqrt p)(I - 1 p^T) J, so that "
+                        "0.5 s^2 ||J_F u||^2 is the next-token KL in nats of a steer s u), logprobs, or logits (the "
+                        "paper's J, whose top direction is the softmax's constant shift)")
+    p.add_argument("--steer-fraction", type=float, default=geometry.STEER_FRACTION,
+                   help="steer norm s of the KL counts as a fraction of the median ||h_l|| "
+                        f"(default {geometry.STEER_FRACTION})")
     p.add_argument("--positions", choices=JACOBIAN_POSITIONS, default="last",
                    help="where the perturbation is added: last prompt token (default) or every token")
     p.add_argument("--method", choices=("exact", "lanczos"), default="exact")
@@ -44,6 +55,8 @@ def parse_args(argv):
         p.error(f"--n-prompts must be >= 1, got {args.n_prompts}")
     if args.k < 1:
         p.error(f"--k must be >= 1, got {args.k}")
+    if not 0 < args.steer_fraction < 10:
+        p.error(f"--steer-fraction must be in (0, 10), got {args.steer_fraction}")
     return args
 
 
@@ -94,6 +107,7 @@ def settings_key(args, prompts_ids) -> dict:
     """What a resumable result must share with the current run."""
     return {"model": str(args.model), "observable": args.observable, "positions": args.positions,
             "method": args.method, "k": args.k if args.method == "lanczos" else None, "dtype": args.dtype,
+            "steer_fraction": args.steer_fraction if args.observable == "fisher" else None,
             "seed": args.seed, "prompt_token_ids": prompts_ids}
 
 
@@ -101,6 +115,13 @@ def summary_row(entry: dict) -> dict:
     pp = entry["per_prompt"]
     med = lambda f: float(np.median([f(p) for p in pp]))
     row = {"layer": entry["layer"], "sigma_max": med(lambda p: p["sigma_max"])}
+    last = entry["stacked"][-1]
+    if "kl_null_dim" in pp[0]:  # fisher: absolute counts first, in nats of next-token KL of a steer of norm s
+        row["s/|h|"] = entry["steer"]["fraction_of_median_h_norm"]
+        row["max KL"] = med(lambda p: p["kl_max"])
+        for tau in ("1e-02", "1e-03", "1e-04"):
+            row[f"KL-null@{tau}"] = med(lambda p: p["kl_null_dim"][tau])
+        row[f"stacked KL-null@1e-03 (N={last['n_prompts']})"] = last["kl_null_dim"]["1e-03"]
     ranks = pp[0]["effective_rank"]
     if "numerical" in ranks:
         for eps in ("1e-02", "1e-03", "1e-04"):
@@ -110,8 +131,9 @@ def summary_row(entry: dict) -> dict:
     else:
         for eps in ("1e-02", "1e-03"):
             row[f"rank>=@{eps}"] = med(lambda p: p["effective_rank"]["numerical_lower_bound"][eps])
-    last = entry["stacked"][-1]
     row[f"stacked null@1e-03 (N={last['n_prompts']})"] = last["null_dim"]["1e-03"]
+    if "logit_top_direction_abs_cos_ones" in entry:
+        row["|cos(u1_logits, 1)|"] = entry["logit_top_direction_abs_cos_ones"]["median"]
     if "orthogonal_null_fraction" in entry:
         row["orth frac@1e-02"] = entry["orthogonal_null_fraction"]["1e-02"]["per_prompt_mean"]
     return row
@@ -164,7 +186,8 @@ def run(args) -> dict:
         t_layer = time.time()
         if args.method == "exact":
             v = vector_from_states(pos_states[layer], neg_states[layer])
-            entry = geometry.analyze_layer_exact(lm, batch, layer, args.observable, args.positions, v, args.seed)
+            entry = geometry.analyze_layer_exact(lm, batch, layer, args.observable, args.positions, v, args.seed,
+                                                 args.steer_fraction)
             entry["vector"] = {"source": f"mean_diff of built-in {pairs['trait']} pairs at this layer",
                                "norm": float(np.linalg.norm(v))}
         else:
@@ -182,7 +205,10 @@ def run(args) -> dict:
     plotting.plot_stacked_null_dims(result, out_dir / "stacked_null_dim.png")
     print(f"{result['model_name']}: d={lm.d}, L={lm.num_layers}, {len(prompts)} prompts, observable "
           f"{args.observable}, {args.method}, {args.dtype} (noise floor {result['noise_floor']:.1e} of sigma_max)")
-    print("medians over prompts; null@eps = d - #{sigma > eps sigma_max}")
+    print("medians over prompts; null@eps = d - #{sigma > eps sigma_max}" + (
+        "; KL-null@tau = dimension of the directions u whose steer s u moves the next-token distribution by at "
+        "most tau nats (second order, mean over prompts), s = s/|h| x median ||h_l||" if args.observable == "fisher"
+        else ""))
     print(format_table([summary_row(e) for e in result["layers"]]))
     wrote([json_path, *(out_dir / name for name in ("spectrum.png", "effective_rank.png", "stacked_null_dim.png"))],
           t0)

@@ -139,8 +139,6 @@ def fmt(x, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
-
-
 def fmt_pm(mean, sd, spec: str, sep: str = " ± ") -> str:
     """The text "mean ± sd", both formatted with `spec` (`sep` between them, e.g. " +- " for plain-ASCII
     terminal tables); just the mean when sd is None, "-" when mean is None."""

@@ -9,10 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from steerjax import spectrum
-from steerjax.jacobian import jacobian_operator
+from steerjax.jacobian import jacobian_operator, unembedding_reduction
 from steerjax.model import LanguageModel, TokenBatch
 
 ANGLE_EPS = (1e-2, 1e-3)
+# the steer norm of the KL counts, as a fraction of the median ||h_l|| over prompts (the paper-sized steers of the
+# behavioural studies sit at 0.15-0.28 ||h_15||; 0.1 stays nearer the first-order regime)
+STEER_FRACTION = 0.1
 FRACTION_SAMPLES = 2000
 
 
@@ -71,15 +74,42 @@ def orthogonal_fraction_entry(factors: np.ndarray, stacked_factor: np.ndarray, v
     return out
 
 
+def logit_top_direction_cos_ones(lm: LanguageModel, normed_jacobians) -> np.ndarray:
+    """|cos| (B,) between the top left singular vector of each prompt's logit Jacobian J = W_U D (a V-vector)
+    and the all-ones vector, the softmax's constant-shift direction that changes no probability. With
+    W_U = Q R, u_1 = Q u_C for the top left singular vector u_C of R D, so |cos| = |b . u_C| / sqrt(V), b = Q^T 1."""
+    reduction = unembedding_reduction(lm)
+    tops = [np.linalg.svd(reduction["R"] @ dm)[0][:, 0] for dm in np.asarray(normed_jacobians, np.float64)]
+    return np.abs(np.array([reduction["b"] @ u for u in tops])) / np.sqrt(lm.config.vocab_size)
+
+
 def analyze_layer_exact(lm: LanguageModel, batch: TokenBatch, layer: int, observable: str = "logits",
-                        positions: str = "last", vector: np.ndarray | None = None, seed: int = 0) -> dict:
-    """Exact study of one layer (float64 SVDs of the QR-reduced factors)."""
+                        positions: str = "last", vector: np.ndarray | None = None, seed: int = 0,
+                        steer_fraction: float = STEER_FRACTION) -> dict:
+    """Exact study of one layer (float64 SVDs of the QR-reduced factors). For observable "fisher" the null
+    dimensions are also counted in absolute KL units (`spectrum.kl_null_dims`) for a steer of norm
+    steer_fraction * median_i ||h_l,i|| (h_l at the last prompt token)."""
     op = jacobian_operator(lm, batch, layer, observable, positions)
-    factors = op.factors()
+    d_mats = np.asarray(op.normed_tail_jacobian(), np.float64)
+    factors = op.factors(d_mats)
     n, d = factors.shape[0], lm.d
-    entry = {"layer": layer, "per_prompt": [spectrum_entry(s, d) for s in spectrum.factor_singular_values(factors)]}
+    per_prompt = spectrum.factor_singular_values(factors)
+    entry = {"layer": layer, "per_prompt": [spectrum_entry(s, d) for s in per_prompt]}
     stacked = spectrum.stacked_spectra(factors, stacking_schedule(n))
     entry["stacked"] = [{"n_prompts": k, **spectrum_entry(s, d)} for k, s, _ in stacked]
+    h_norms = np.linalg.norm(op.steered_states(), axis=1)
+    cos_ones = logit_top_direction_cos_ones(lm, d_mats)
+    entry["h_norm_median"] = float(np.median(h_norms))
+    entry["logit_top_direction_abs_cos_ones"] = {"median": float(np.median(cos_ones)), "min": float(cos_ones.min()),
+                                                 "max": float(cos_ones.max())}
+    if observable == "fisher":
+        steer_norm = steer_fraction * float(np.median(h_norms))
+        entry["steer"] = {"fraction_of_median_h_norm": steer_fraction, "norm": steer_norm}
+        for item, s in zip(entry["per_prompt"], per_prompt):
+            item["kl_null_dim"] = spectrum.kl_null_dims(s, d, 1, steer_norm)
+            item["kl_max"] = float(spectrum.second_order_kl(s[:1], 1, steer_norm)[0])
+        for item, (k, s, _) in zip(entry["stacked"], stacked):
+            item["kl_null_dim"] = spectrum.kl_null_dims(s, d, k, steer_norm)
     if n >= 2:
         half = n // 2
         last = lambda fs: list(spectrum.stack_factors(fs))[-1]

@@ -415,10 +415,12 @@ class JacobianOperator:
         """M (r, d) float64 of one prompt (see `observable_factors`)."""
         return self.observable_factors([prompt])[0]
 
-    def factors(self) -> np.ndarray:
+    def factors(self, normed_jacobians=None) -> np.ndarray:
         """Exact float64 factors C_i = M_i D_i (B, r, d) at the point, r = d (logits, fisher) or d + 1 (logprobs):
-        sigma(J_i) = sigma(C_i) and J_i^T J_i = C_i^T C_i. The one place the exact factor is formed."""
-        d_mats = np.asarray(self.normed_tail_jacobian(), np.float64)
+        sigma(J_i) = sigma(C_i) and J_i^T J_i = C_i^T C_i. The one place the exact factor is formed; pass
+        `normed_tail_jacobian()`'s D (B, d, d) if you already have it."""
+        d_mats = np.asarray(self.normed_tail_jacobian() if normed_jacobians is None else normed_jacobians,
+                            np.float64)
         with blas.dense_threads(self.lm.d):
             return np.matmul(self.observable_factors(), d_mats)  # BLAS (np.einsum here would loop in C)
 

@@ -60,18 +60,26 @@ def plot_effective_ranks(result: dict, path: Path) -> None:
 
 
 def plot_stacked_null_dims(result: dict, path: Path) -> None:
-    """Null dimension of the stacked operator against the number of prompts N, one line per layer."""
+    """Null dimension of the stacked operator against the number of prompts N, one line per layer: in absolute
+    KL units (top row, when the result has them: the fisher observable) and relative to sigma_max."""
     layers = result["layers"]
-    eps_keys = list(layers[0]["stacked"][0]["null_dim"])[:3]
-    fig, axes = plt.subplots(1, len(eps_keys), figsize=(4.2 * len(eps_keys), 4), squeeze=False)
-    for ax, eps in zip(axes[0], eps_keys):
-        for color, entry in zip(_layer_colors(len(layers)), layers):
-            pts = [(s["n_prompts"], s["null_dim"][eps]) for s in entry["stacked"] if s["null_dim"][eps] is not None]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", color=color, label=f"layer {entry['layer']}")
-        ax.set(xscale="log", xlabel="number of stacked prompts N", ylabel="null dimension",
-               title=f"eps = {eps}")
-    if axes[0][0].get_legend_handles_labels()[0]:
-        axes[0][0].legend(fontsize=7)
-    fig.suptitle("Null dimension of the stacked Jacobian [J_1; ...; J_N]")
+    rows = [("kl_null_dim", "KL-invisible dimension", "tau = {} nats")] if "kl_null_dim" in layers[0]["stacked"][0] \
+        else []
+    rows.append(("null_dim", "null dimension", "eps = {} (relative to sigma_max)"))
+    keys = {field: list(layers[0]["stacked"][0][field])[:3] for field, _, _ in rows}
+    width = max(len(k) for k in keys.values())
+    fig, axes = plt.subplots(len(rows), width, figsize=(4.2 * width, 4 * len(rows)), squeeze=False)
+    for ax_row, (field, ylabel, title) in zip(axes, rows):
+        for ax, key in zip(ax_row, keys[field]):
+            for color, entry in zip(_layer_colors(len(layers)), layers):
+                pts = [(s["n_prompts"], s[field][key]) for s in entry["stacked"] if s[field][key] is not None]
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", color=color, label=f"layer {entry['layer']}")
+            ax.set(xscale="log", xlabel="number of stacked prompts N", ylabel=ylabel, title=title.format(key))
+        if ax_row[0].get_legend_handles_labels()[0]:
+            ax_row[0].legend(fontsize=7)
+    steer = layers[0].get("steer")
+    note = f"; KL of a steer of norm {steer['fraction_of_median_h_norm']:g} x median ||h_l||, mean over prompts" \
+        if steer else ""
+    fig.suptitle(f"Null dimension of the stacked Jacobian [J_1; ...; J_N] ({result['observable']}){note}")
     save_figure(fig, path)

@@ -14,6 +14,8 @@ import numpy as np
 from steerjax import blas
 
 RANK_EPS = (1e-2, 1e-3, 1e-4, 1e-6)
+# absolute thresholds of the KL counts (nats of second-order next-token KL of one steer)
+KL_TAUS = (1e-2, 1e-3, 1e-4)
 
 
 def padded_singular_values(s, d: int) -> np.ndarray:
@@ -72,6 +74,24 @@ def effective_ranks(s, eps_values: Sequence[float] = RANK_EPS) -> dict:
 def null_dims(s, d: int, eps_values: Sequence[float] = RANK_EPS) -> dict:
     """d - numerical rank, per eps."""
     return {eps_key(e): d - numerical_rank(padded_singular_values(s, d), e) for e in eps_values}
+
+
+def second_order_kl(s, n_prompts: int, steer_norm: float) -> np.ndarray:
+    """Second-order KL (nats), mean over prompts, of a steer of norm `steer_norm` along each right singular
+    direction: 0.5 steer_norm^2 sigma_k^2 / n for the singular values s (descending) of a stacked fisher factor
+    (S^T S = sum_i J_F,i^T J_F,i over n prompts; one prompt: n = 1)."""
+    s = np.asarray(s, np.float64)
+    return 0.5 * steer_norm**2 * s**2 / n_prompts
+
+
+def kl_null_dims(s, d: int, n_prompts: int, steer_norm: float, taus: Sequence[float] = KL_TAUS) -> dict:
+    """Dimension of the largest subspace of unit directions u whose steer of norm `steer_norm` moves the
+    next-token distribution by at most tau nats on average over the n prompts (second order:
+    mean_i 0.5 steer_norm^2 ||J_F,i u||^2 <= tau): by Courant-Fischer, #{k : KL_k <= tau} over the d
+    directions (s padded with zeros to d). Averaging over prompts, not summing, makes it stacking-invariant:
+    a prompt set stacked twice gives the same count."""
+    kl = second_order_kl(padded_singular_values(s, d), n_prompts, steer_norm)
+    return {eps_key(tau): int(np.sum(kl <= tau)) for tau in taus}
 
 
 def right_singular(factor) -> tuple[np.ndarray, np.ndarray]:

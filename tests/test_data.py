@@ -45,7 +45,8 @@ def all_environment_prompts() -> list[str]:
 # Schema, versions, counts
 # --------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["traits", "neutral_eval", "environments", "geometry_prompts", "probes"])
+@pytest.mark.parametrize("name", ["traits", "neutral_eval", "environments", "geometry_prompts", "probes",
+                                  "neutral_pool"])
 def test_files_ship_as_package_data(name):
     assert resources.files("steerjax.data").joinpath(f"{name}.json").is_file()
 
@@ -313,3 +314,70 @@ def test_neutral_sets_carry_no_trait_cue():
     # neutral openings are register-neutral: no contractions or chat slang
     for text in data.neutral_eval_prompts() + envs["in_distribution"]:
         assert count(CONTRACTIONS, text) == 0, text
+
+
+# --------------------------------------------------------------------------------------------------
+# The neutral pool of the identifiability study (neutral_pool.json)
+# --------------------------------------------------------------------------------------------------
+
+def test_neutral_pool_schema():
+    doc = data.load_json("neutral_pool")
+    assert set(doc) == {"version", "description", "prompts"}
+    assert doc["version"] == 1
+    assert isinstance(doc["description"], str) and doc["description"].strip()
+    pool = data.neutral_pool()
+    assert pool == doc["prompts"]
+    assert len(pool) >= 200
+    pool.append("x")                                                # a copy: the cached file is untouched
+    assert len(data.neutral_pool()) == len(doc["prompts"])
+
+
+def test_neutral_pool_strings_are_clean_and_unique():
+    pool = data.neutral_pool()
+    for text in pool:
+        assert isinstance(text, str) and text, text
+        assert text == text.strip(), repr(text)
+        assert "  " not in text and "\n" not in text, repr(text)
+        assert text.isascii() and text.isprintable(), repr(text)
+        assert 3 <= len(words(text)) <= 30, text
+    keys = [norm(p) for p in pool]
+    assert len(set(keys)) == len(keys), {k for k in keys if keys.count(k) > 1}
+
+
+def test_neutral_pool_is_disjoint_from_the_other_prompt_sets():
+    geometry = data.geometry_prompts()
+
+    def strings(node):                                              # every string anywhere in traits.json
+        if isinstance(node, str):
+            return [node]
+        if isinstance(node, (dict, list)):
+            return [s for v in (node.values() if isinstance(node, dict) else node) for s in strings(v)]
+        return []                                                   # the version number
+
+    traits = strings(data.load_json("traits"))
+    assert {p[k] for t in data.TRAITS for p in data.trait_info(t)["pairs"] for k in p} <= set(traits)
+    sets = {
+        "neutral_eval": data.neutral_eval_prompts(),
+        "environments": all_environment_prompts(),
+        "traits": traits,
+        "geometry_neutral": geometry["neutral"],
+        "geometry_pairs": geometry["direction_pairs"]["positive"] + geometry["direction_pairs"]["negative"],
+    }
+    pool = {norm(p) for p in data.neutral_pool()}
+    for name, prompts in sets.items():
+        shared = pool & {norm(p) for p in prompts}
+        assert not shared, (name, shared)
+
+
+@pytest.mark.parametrize("trait", ["formality", "politeness", "humor"])
+def test_neutral_pool_carries_no_lexicon_marker(trait):
+    """No pool prompt contains a plain marker phrase (either side) of the LexicalProbe's lexicon for the
+    trait: whole words, case-insensitive, a space matching any run of whitespace."""
+    spec = data.probe_lexicons()["traits"][trait]
+    phrases = spec["positive"]["phrases"] + spec["negative"]["phrases"]
+    patterns = [re.escape(p).replace(r"\ ", r"\s+") for p in phrases]
+    for text in data.neutral_pool():
+        hits = [p for p, pat in zip(phrases, patterns) if re.search(rf"\b{pat}\b", text, flags=re.IGNORECASE)]
+        assert not hits, (text, hits)
+    for text in data.neutral_pool():
+        assert count(TRAIT_CUES, text) == 0 and count(CONTRACTIONS, text) == 0, text

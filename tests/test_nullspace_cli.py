@@ -45,11 +45,26 @@ def test_exact_run_writes_contract_json_plots_and_resumes(cli, tmp_path, capsys,
         assert entry["principal_angles"]["set_a"] == [0, 1]
     # the reported spectrum is the dense Jacobian's (independent route: jacfwd to V x d, then SVD)
     ids = result["prompts"][0]["token_ids"]
-    s_dense = np.linalg.svd(np.asarray(sj.jacobian(smollm2, np.array(ids), 30), np.float64), compute_uv=False)
+    assert result["observable"] == "fisher"      # the gauge-free default
+    J_F = np.asarray(sj.jacobian(smollm2, np.array(ids), 30, observable="fisher"), np.float64)
+    s_dense = np.linalg.svd(J_F, compute_uv=False)
     s_json = np.array(result["layers"][1]["per_prompt"][0]["singular_values"])
     np.testing.assert_allclose(s_json[:50], s_dense[:50], rtol=1e-4)
     # the final-norm gauge: exactly one direction (h_L itself) is (nearly) annihilated at layer L
     assert result["layers"][1]["per_prompt"][0]["null_dim"]["1e-04"] == 1
+    # absolute KL counts: a steer of norm s = 0.1 median ||h_l|| along u changes the next-token distribution by
+    # 0.5 s^2 ||J_F u||^2 nats (mean over the stacked prompts); recount from the stored singular values
+    hidden = smollm2.forward(smollm2.tokenize([p["text"] for p in result["prompts"]]), return_hidden=True).hidden
+    for entry in result["layers"]:
+        h_median = np.median(np.linalg.norm(np.asarray(hidden[entry["layer"]][:, -1], np.float64), axis=1))
+        assert entry["h_norm_median"] == pytest.approx(h_median, rel=1e-4)
+        s_norm = entry["steer"]["norm"]
+        assert s_norm == pytest.approx(0.1 * entry["h_norm_median"])
+        for item, n in [(p, 1) for p in entry["per_prompt"]] + [(st, st["n_prompts"]) for st in entry["stacked"]]:
+            kl = 0.5 * s_norm**2 * np.array(item["singular_values"]) ** 2 / n
+            assert item["kl_null_dim"] == {key: int(np.sum(kl <= float(key))) for key in ("1e-02", "1e-03", "1e-04")}
+        assert 0.9 < entry["logit_top_direction_abs_cos_ones"]["median"] <= 1.0   # the logits' top: a constant shift
+    assert "KL-null@1e-03" in printed
     for png in ("spectrum.png", "effective_rank.png", "stacked_null_dim.png"):
         assert (out / png).stat().st_size > 10_000
 

@@ -77,3 +77,30 @@ def test_orthogonal_null_fraction_exact_vs_monte_carlo():
     assert spectrum.orthogonal_null_fraction(basis, basis[:, 0]) == pytest.approx(8 / 29)
     e = np.eye(d)
     assert spectrum.orthogonal_null_fraction(e[:, :9], e[:, 20]) == pytest.approx(9 / 29)
+
+
+def test_kl_null_dims_are_absolute_and_stacking_invariant():
+    """KL counts in nats: #{k : 0.5 s^2 sigma_k^2 / n <= tau}, recounted here from a dense eigendecomposition of
+    the mean Gram matrix; a prompt set stacked twice gives the same counts (a sum instead of the mean would
+    halve every threshold's reach)."""
+    rng = np.random.default_rng(11)
+    d, steer_norm = 40, 2.0
+    factors = [rng.normal(size=(d, d)) * np.geomspace(1.0, 1e-4, d) for _ in range(3)]
+    stacked = list(spectrum.stack_factors(factors))[-1]
+    s = np.linalg.svd(stacked, compute_uv=False)
+    counts = spectrum.kl_null_dims(s, d, 3, steer_norm)
+    mean_gram = sum(f.T @ f for f in factors) / 3
+    kl = 0.5 * steer_norm**2 * np.linalg.eigvalsh(mean_gram)
+    for tau in spectrum.KL_TAUS:
+        assert counts[spectrum.eps_key(tau)] == int(np.sum(kl <= tau))
+    assert 0 < counts["1e-04"] < counts["1e-03"] < counts["1e-02"] < d      # the thresholds bite in this example
+    twice = list(spectrum.stack_factors(factors + factors))[-1]
+    assert spectrum.kl_null_dims(np.linalg.svd(twice, compute_uv=False), d, 6, steer_norm) == counts
+    # a unit direction inside the counted subspace moves the mean KL by at most tau (Courant-Fischer)
+    w, vecs = np.linalg.eigh(mean_gram)
+    inside = vecs[:, : counts["1e-03"]] @ rng.normal(size=counts["1e-03"])
+    inside /= np.linalg.norm(inside)
+    assert 0.5 * steer_norm**2 * inside @ mean_gram @ inside <= 1e-3
+    summed = spectrum.kl_null_dims(np.linalg.svd(twice, compute_uv=False), d, 1, steer_norm)   # no averaging
+    assert summed["1e-03"] < counts["1e-03"]
+    assert spectrum.second_order_kl([2.0], 1, 3.0)[0] == pytest.approx(0.5 * 9.0 * 4.0)

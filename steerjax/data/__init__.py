@@ -51,6 +51,12 @@ def neutral_eval_prompts() -> list[str]:
     return list(load_json("neutral_eval")["prompts"])
 
 
+def neutral_pool() -> list[str]:
+    """The 240 trait-free prompts (openings and questions) of the identifiability study's pool, from which
+    disjoint train / held-out splits are drawn. Disjoint from every other shipped prompt set."""
+    return list(load_json("neutral_pool")["prompts"])
+
+
 def environments() -> dict[str, list[str]]:
     """Prompts of the four distribution-shift environments (ENVIRONMENTS order), 25 each."""
     envs = load_json("environments")["environments"]
