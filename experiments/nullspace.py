@@ -182,12 +182,15 @@ def run(args) -> dict:
         pos_states = last_token_states_all_layers(lm, pairs["positive"])
         neg_states = last_token_states_all_layers(lm, pairs["negative"])
     todo = [layer for layer in layers if layer not in done]
+    # the output-side factors M_i depend on the prompts' next-token distributions, not on the layer: once
+    observable_factors = (sj.jacobian_operator(lm, batch, todo[0], args.observable, args.positions).observable_factors()
+                          if todo and args.method == "exact" else None)
     for layer in tqdm(todo, desc="layers", unit="layer", file=sys.stderr):
         t_layer = time.time()
         if args.method == "exact":
             v = vector_from_states(pos_states[layer], neg_states[layer])
             entry = geometry.analyze_layer_exact(lm, batch, layer, args.observable, args.positions, v, args.seed,
-                                                 args.steer_fraction)
+                                                 args.steer_fraction, observable_factors)
             entry["vector"] = {"source": f"mean_diff of built-in {pairs['trait']} pairs at this layer",
                                "norm": float(np.linalg.norm(v))}
         else:

@@ -85,13 +85,14 @@ def logit_top_direction_cos_ones(lm: LanguageModel, normed_jacobians) -> np.ndar
 
 def analyze_layer_exact(lm: LanguageModel, batch: TokenBatch, layer: int, observable: str = "logits",
                         positions: str = "last", vector: np.ndarray | None = None, seed: int = 0,
-                        steer_fraction: float = STEER_FRACTION) -> dict:
+                        steer_fraction: float = STEER_FRACTION, observable_factors=None) -> dict:
     """Exact study of one layer (float64 SVDs of the QR-reduced factors). For observable "fisher" the null
     dimensions are also counted in absolute KL units (`spectrum.kl_null_dims`) for a steer of norm
-    steer_fraction * median_i ||h_l,i|| (h_l at the last prompt token)."""
+    steer_fraction * median_i ||h_l,i|| (h_l at the last prompt token). observable_factors: the operator's M_i
+    (B, r, d) if already computed (they depend on the prompts, not on the layer)."""
     op = jacobian_operator(lm, batch, layer, observable, positions)
     d_mats = np.asarray(op.normed_tail_jacobian(), np.float64)
-    factors = op.factors(d_mats)
+    factors = op.factors(d_mats, observable_factors)
     n, d = factors.shape[0], lm.d
     per_prompt = spectrum.factor_singular_values(factors)
     entry = {"layer": layer, "per_prompt": [spectrum_entry(s, d) for s in per_prompt]}

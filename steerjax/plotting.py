@@ -83,3 +83,34 @@ def plot_stacked_null_dims(result: dict, path: Path) -> None:
         if steer else ""
     fig.suptitle(f"Null dimension of the stacked Jacobian [J_1; ...; J_N] ({result['observable']}){note}")
     save_figure(fig, path)
+
+
+def plot_identifiability(result: dict, path: Path) -> None:
+    """Held-out KL ratio (tau-invisible subspace of N training prompts / random direction) against N, one panel
+    per tau, one line per layer (mean over splits, band: min to max; dashed: the exact-KL ratio)."""
+    summary = result["summary"]
+    taus = sorted({r["tau"] for r in summary}, reverse=True)
+    layers = sorted({r["layer"] for r in summary})
+    fig, axes = plt.subplots(1, len(taus), figsize=(4.6 * len(taus), 4.2), squeeze=False)
+    for ax, tau in zip(axes[0], taus):
+        for color, layer in zip(_layer_colors(len(layers)), layers):
+            rows = [r for r in summary if r["layer"] == layer and r["tau"] == tau and r["ratio_mean"] is not None]
+            if not rows:
+                continue
+            ns = [r["n_train"] for r in rows]
+            ax.plot(ns, [r["ratio_mean"] for r in rows], marker="o", color=color, label=f"layer {layer}")
+            ax.fill_between(ns, [r["ratio_min"] for r in rows], [r["ratio_max"] for r in rows], color=color,
+                            alpha=0.15)
+            exact = [(r["n_train"], r["exact_ratio_mean"]) for r in rows if r["exact_ratio_mean"] is not None]
+            if exact:
+                ax.plot(*zip(*exact), ls="--", color=color, alpha=0.8)
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.axhline(0.5, color="grey", ls=":", lw=0.8)
+        ax.set(xscale="log", yscale="log", xlabel="training prompts N", title=f"tau = {tau:g} nats",
+               ylabel="held-out KL: invisible / random direction")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    s = result["settings"]
+    fig.suptitle(f"{result['model_name']}: do invisible directions stay invisible on new prompts? "
+                 f"(steer {s['steer_fraction']:g} x median ||h_l||; dashed: exact KL)", fontsize=9)
+    save_figure(fig, path)

@@ -140,8 +140,8 @@ def jacfwd_chunked(fn, x0, chunk: int):
 def steered_observable(config, observable: str = "logits") -> Callable:
     """fn(v (d,) or (B, d), aux) -> (B, V): the last-position observable of B prompts with v added to h_l at
     the last prompt token, for aux = (params, ctx) (`JacobianOperator.tail_args()`); the one-token tail, so
-    exact and cheap, and differentiable in v. Cached per (config, observable): keep the function's identity
-    to reuse compilations that take it (e.g. `steerjax.fits`)."""
+    exact and cheap, and differentiable in v; jit-compiled (it also traces inside other transformations). Cached
+    per (config, observable): keep the function's identity to reuse compilations that take it (`steerjax.fits`)."""
 
     def fn(v, aux):
         params, ctx = aux
@@ -149,4 +149,4 @@ def steered_observable(config, observable: str = "logits") -> Callable:
         h_final = jax.vmap(lambda c, x: tail_last(config, params["blocks"], c, x))(ctx, v)
         return observe(config, params, h_final, observable)
 
-    return fn
+    return xla.jit(fn)

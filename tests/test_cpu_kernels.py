@@ -28,6 +28,8 @@ from steerjax import cpu_kernels, generation
 from steerjax.errors import InputError
 
 EPS32 = float(np.finfo(np.float32).eps)
+# arrays here carry an explicit float32 dtype: a float64 model loaded earlier in the process turns jax_enable_x64 on,
+# and jnp.zeros would then be float64 (which the kernels do not take)
 # every test that runs the kernels themselves; on a machine without a C++ compiler they skip and the fallback
 # tests below (compiler hidden from PATH, failing compiler, STEERJAX_DECODE_KERNELS=0) still run
 needs_compiler = pytest.mark.skipif(cpu_kernels.compiler() is None,
@@ -61,8 +63,9 @@ def test_pack_panels_layout():
     assert rows.shape == (1, 2, 5, 8)
     np.testing.assert_array_equal(rows[0, 1, 3], u[8:16, 3])
     with pytest.raises(ValueError, match="multiple of 8"):
-        cpu_kernels.pack_panels(jnp.zeros((1, 4, 12)))
-    assert not cpu_kernels.supports(jnp.zeros((4, 12))) and cpu_kernels.supports(jnp.zeros((4, 16)))
+        cpu_kernels.pack_panels(jnp.zeros((1, 4, 12), jnp.float32))
+    f32 = jnp.float32
+    assert not cpu_kernels.supports(jnp.zeros((4, 12), f32)) and cpu_kernels.supports(jnp.zeros((4, 16), f32))
     assert not cpu_kernels.supports(np.zeros((4, 16), np.float64))
 
 
@@ -110,20 +113,22 @@ def test_panel_matmul_under_vmap_and_leading_axes():
 @needs_compiler
 def test_panel_matmul_empty_operands():
     """K = 0 gives zeros (empty sums), M = 0 an empty result."""
-    assert np.all(np.asarray(cpu_kernels.panel_matmul(jnp.ones((2, 0)), jnp.ones((1, 3, 0, 8)), 0)) == 0)
-    assert cpu_kernels.panel_matmul(jnp.ones((0, 4)), jnp.ones((1, 1, 4, 8)), 0).shape == (0, 8)
+    f32 = jnp.float32
+    assert np.all(np.asarray(cpu_kernels.panel_matmul(jnp.ones((2, 0), f32), jnp.ones((1, 3, 0, 8), f32), 0)) == 0)
+    assert cpu_kernels.panel_matmul(jnp.ones((0, 4), f32), jnp.ones((1, 1, 4, 8), f32), 0).shape == (0, 8)
 
 
 @needs_compiler
 def test_panel_matmul_bad_input():
-    panels = cpu_kernels.pack_panels(jnp.ones((2, 16, 8)))
+    panels = cpu_kernels.pack_panels(jnp.ones((2, 16, 8), jnp.float32))
     with pytest.raises(ValueError, match="width 12, the panels expect K = 16"):
-        cpu_kernels.panel_matmul(jnp.ones((3, 12)), panels, 0)
+        cpu_kernels.panel_matmul(jnp.ones((3, 12), jnp.float32), panels, 0)
     with pytest.raises(Exception, match="layer index out of range"):
-        jax.block_until_ready(cpu_kernels.panel_matmul(jnp.ones((3, 16)), panels, 2))
+        jax.block_until_ready(cpu_kernels.panel_matmul(jnp.ones((3, 16), jnp.float32), panels, 2))
     with pytest.raises(Exception, match="vmap over weights is not supported"):
         stacked = jnp.stack([panels, panels])
-        jax.block_until_ready(jax.vmap(cpu_kernels.panel_matmul, (None, 0, None))(jnp.ones((3, 16)), stacked, 0))
+        x = jnp.ones((3, 16), jnp.float32)
+        jax.block_until_ready(jax.vmap(cpu_kernels.panel_matmul, (None, 0, None))(x, stacked, 0))
 
 
 def test_library_cache_key_follows_source_compiler_and_cpu(monkeypatch, tmp_path):

@@ -25,7 +25,7 @@ LAYERS = {
     "steerjax.model": 6,
     "steerjax.tail": 7, "steerjax.generation": 7, "steerjax.extraction": 7,
     "steerjax.jacobian": 8, "steerjax.fits": 8, "steerjax.linearization": 8, "steerjax.io": 8,
-    "steerjax.geometry": 9, "steerjax.probes": 9, "steerjax.studies": 9,
+    "steerjax.geometry": 9, "steerjax.probes": 9, "steerjax.studies": 9, "steerjax.identifiability": 9,
     "steerjax.behaviour": 10, "steerjax.cli": 10,
     "steerjax": 11,
 }
