@@ -23,6 +23,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -112,13 +113,23 @@ def layer_pass(lm, pool_batch, indices: list[int], layer: int, with_factors: set
     return norms, factors
 
 
-def exact_heldout_kl(lm, heldout_batch, layer: int, directions: np.ndarray, steer_norm: float) -> np.ndarray:
-    """Exact KL(p_j || p_j(s u)) (n_directions,), mean over the held-out prompts j, from the one-token tail."""
+class HeldoutTail(NamedTuple):
+    """The held-out prompts' unsteered log-probabilities (M, V) and the one-token tail's arguments."""
+
+    base: np.ndarray
+    aux: tuple
+
+
+def heldout_tail(lm, heldout_batch, layer: int) -> HeldoutTail:
     op = sj.jacobian_operator(lm, heldout_batch, layer, observable="fisher")
-    base = np.asarray(op.value(), np.float64)                       # log-probabilities at the unsteered point
+    return HeldoutTail(np.asarray(op.value(), np.float64), op.tail_args())
+
+
+def exact_heldout_kl(lm, heldout: HeldoutTail, directions: np.ndarray, steer_norm: float) -> np.ndarray:
+    """Exact KL(p_j || p_j(s u)) (n_directions,), mean over the held-out prompts j, from the one-token tail."""
     fn = tail.steered_observable(lm.config, "logits")
-    aux = op.tail_args()
-    kls = [stats.kl_divergence(base, np.asarray(fn(jnp.asarray(steer_norm * u, lm.dtype), aux), np.float64)).mean()
+    kls = [stats.kl_divergence(heldout.base, np.asarray(fn(jnp.asarray(steer_norm * u, lm.dtype), heldout.aux),
+                                                        np.float64)).mean()
            for u in directions]
     return np.asarray(kls, np.float64)
 
@@ -127,22 +138,22 @@ def split_unit(lm, pool_batch, split, layer: int, v: np.ndarray, steer_norm: flo
     """Every N and tau of one (layer, split), from the exact fisher factors of its prompts."""
     train = np.stack([factors[int(i)] for i in split.train])
     heldout_gram = identifiability.mean_gram(np.stack([factors[int(i)] for i in split.heldout]))
-    heldout_batch = rows_of(pool_batch, split.heldout)
+    heldout = heldout_tail(lm, rows_of(pool_batch, split.heldout), layer)
     rng = np.random.default_rng([args.seed, layer, int(split.train[0])])
     random_dirs = identifiability.unit_combinations(np.eye(lm.d), args.exact_directions, rng)
-    random_exact = float(exact_heldout_kl(lm, heldout_batch, layer, random_dirs, steer_norm).mean())
+    random_exact = float(exact_heldout_kl(lm, heldout, random_dirs, steer_norm).mean())
     random_2nd = identifiability.random_direction_kl(heldout_gram, steer_norm)
     stacked = dict(zip(range(1, len(train) + 1), spectrum.stack_factors(train)))
     rows = []
     for n in args.schedule:
         visible = identifiability.most_visible_orthogonal(stacked[n], v)
         visible_2nd = 0.5 * steer_norm**2 * float(visible @ heldout_gram @ visible)
-        visible_exact = float(exact_heldout_kl(lm, heldout_batch, layer, visible[None], steer_norm)[0])
+        visible_exact = float(exact_heldout_kl(lm, heldout, visible[None], steer_norm)[0])
         for tau in args.taus:
             basis, train_kl = identifiability.invisible_basis(stacked[n], n, steer_norm, tau)
             k = basis.shape[1]
             inv_2nd = identifiability.mean_kl_per_direction(basis, heldout_gram, steer_norm)
-            inv_exact = (float(exact_heldout_kl(lm, heldout_batch, layer,
+            inv_exact = (float(exact_heldout_kl(lm, heldout,
                                                 identifiability.unit_combinations(basis, args.exact_directions, rng),
                                                 steer_norm).mean()) if k else None)
             rows.append({

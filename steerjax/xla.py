@@ -26,8 +26,9 @@ def compiler_options(backend: str) -> dict[str, str] | None:
 
 class BackendJit:
     """A jax.jit-compiled function whose compiler options follow `jax.default_backend()` at the first call
-    (not at import, so importing steerjax never starts a backend). Attribute access (`lower`, ...) goes to
-    the underlying jitted function."""
+    (not at import, so importing steerjax never starts a backend). Called on tracers (inside another jit, vmap
+    or jvp) it traces the plain function inline. Attribute access (`lower`, ...) goes to the underlying jitted
+    function."""
 
     def __init__(self, fn, jit_kwargs: dict):
         self._fn, self._jit_kwargs, self._jitted = fn, jit_kwargs, None
@@ -40,6 +41,9 @@ class BackendJit:
         return self._jitted
 
     def __call__(self, *args, **kwargs):
+        if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves((args, kwargs))):
+            return self._fn(*args, **kwargs)  # inside another transformation: trace inline (compiler_options
+            # may only be given to a top-level jit)
         return self.jitted()(*args, **kwargs)
 
     def __getattr__(self, name):
