@@ -53,7 +53,11 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true", help="preset: layer 15, N up to 8, 8 held-out prompts, 2 splits")
     p.add_argument("--out", default="results/identifiability", help="output folder")
     p.add_argument("--fresh", action="store_true", help="discard finished units in --out instead of resuming")
+    p.add_argument("--report", default=None, metavar="JSON",
+                   help="print the markdown tables of a finished identifiability.json and exit (no model is loaded)")
     args = p.parse_args(argv)
+    if args.report is not None:
+        return args
     if args.quick:
         args.layers, args.schedule = "15", "1,2,4,8"
         args.n_heldout, args.splits, args.exact_directions = min(args.n_heldout, 8), min(args.splits, 2), 2
@@ -270,8 +274,36 @@ def print_table(result: dict) -> None:
               f"{r['heldout_kl_visible_mean']:>9.2e} {fmt(r['first_n_below_half'], '>5')}")
 
 
+def markdown(result: dict) -> str:
+    """docs/identifiability.md's tables, from a result file: per layer and tau, the held-out ratio against N."""
+    s = result["settings"]
+    lines = [f"*{result['model_name']}, fisher observable, steer norm s = {s['steer_fraction']:g} x median "
+             f"||h_l||, {s['splits']} splits of the {result['pool_size']}-prompt pool, {s['n_heldout']} held-out "
+             "prompts each; ratio = held-out KL of the invisible subspace / of a random direction (second order), "
+             "mean [min, max] over splits; exact = the same ratio from exact KLs of sampled directions*", "",
+             "| layer | tau (nats) | N | invisible dim | ratio [min, max] | exact ratio | held-out KL: invisible "
+             "| random | most visible orth. to v | first N < 0.5 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["summary"]:
+        span = f"{fmt(r['ratio_mean'], '.3f')} [{fmt(r['ratio_min'], '.3f')}, {fmt(r['ratio_max'], '.3f')}]"
+        lines.append(f"| {r['layer']} | {r['tau']:g} | {r['n_train']} | {r['invisible_dim_mean']:.1f} | {span} | "
+                     f"{fmt(r['exact_ratio_mean'], '.3f')} | {fmt(r['heldout_kl_invisible_mean'], '.2e')} | "
+                     f"{r['heldout_kl_random_mean']:.2e} | {r['heldout_kl_visible_mean']:.2e} | "
+                     f"{fmt(r['first_n_below_half'], '')} |")
+    return "\n".join(lines)
+
+
+def run_or_report(args):
+    if args.report is None:
+        return run(args)
+    result = io.read_json(args.report)
+    if result is None:
+        raise sj.InputError(f"--report {args.report}: no such file")
+    print(markdown(result))
+    return result
+
+
 def main(argv=None) -> int:
-    return run_cli(parse_args, run, argv)
+    return run_cli(parse_args, run_or_report, argv)
 
 
 if __name__ == "__main__":

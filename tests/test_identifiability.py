@@ -92,6 +92,9 @@ def test_identifiability_cli(monkeypatch, smollm2, tmp_path, capsys):
     assert [r["n_train"] for r in summary] == [1, 2, 4]
     assert all(0 < r["invisible_dim_mean"] < 576 for r in summary)
     assert (out / "identifiability.png").stat().st_size > 10_000
+    assert cli.main(["--report", str(out / "identifiability.json")]) == 0      # the docs' tables, from the file
+    table = capsys.readouterr().out
+    assert "| layer | tau (nats) | N |" in table and table.count("\n| 28 | 0.001 |") == 3
     # resume: a lost unit is recomputed, a finished one is not
     store = json.loads((out / "identifiability_units.json").read_text())
     del store["units"]["layer=28/split=1"]
