@@ -30,7 +30,7 @@ import numpy as np
 
 import steerjax as sj
 from steerjax import data, identifiability, io, plotting, spectrum, stats, tail
-from steerjax.cli import ArgumentParser, check_trait, fmt, parse_floats, run_cli, wrote
+from steerjax.cli import ArgumentParser, check_trait, fmt, parse_floats, run_cli, run_or_report, wrote
 from steerjax.extraction import extract_vector
 
 FACTOR_BATCH = 16          # prompts per Jacobian operator (memory: 16 x d tangents through the tail at once)
@@ -292,18 +292,8 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def run_or_report(args):
-    if args.report is None:
-        return run(args)
-    result = io.read_json(args.report)
-    if result is None:
-        raise sj.InputError(f"--report {args.report}: no such file")
-    print(markdown(result))
-    return result
-
-
 def main(argv=None) -> int:
-    return run_cli(parse_args, run_or_report, argv)
+    return run_cli(parse_args, run_or_report(run, lambda result: print(markdown(result))), argv)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 import steerjax as sj
 from steerjax import data, io, spectrum, studies, tail
-from steerjax.cli import ArgumentParser, run_cli, study_layer, wrote
+from steerjax.cli import ArgumentParser, run_cli, run_or_report, study_layer, wrote
 
 DTYPES = {"float32": jnp.float32, "float16": jnp.float16}
 
@@ -105,18 +105,8 @@ def print_table(result: dict) -> None:
               f"{r['null_fraction_paper_formula']:>13.3f}")
 
 
-def run_or_report(args):
-    if args.report is None:
-        return run(args)
-    result = io.read_json(args.report)
-    if result is None:
-        raise sj.InputError(f"--report {args.report}: no such file")
-    print_table(result)
-    return result
-
-
 def main(argv=None) -> int:
-    return run_cli(parse_args, run_or_report, argv)
+    return run_cli(parse_args, run_or_report(run, print_table), argv)
 
 
 if __name__ == "__main__":

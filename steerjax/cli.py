@@ -13,9 +13,9 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
-from steerjax import data, studies
+from steerjax import data, io, studies
 from steerjax.checks import check_layer
-from steerjax.errors import SteerjaxError
+from steerjax.errors import InputError, SteerjaxError
 from steerjax.extraction import extract_vector
 from steerjax.model import LanguageModel, load_model
 
@@ -54,6 +54,21 @@ def run_cli(parse_args: Callable[[Any], Any], run: Callable[[Any], Any], argv=No
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+def run_or_report(run: Callable[[Any], Any], report: Callable[[dict], None]) -> Callable[[Any], Any]:
+    """The `run` of a study whose --report JSON prints a finished result file with `report` instead of running
+    (no model is loaded): the docs' tables come from committed result files this way."""
+    def dispatch(args):
+        if getattr(args, "report", None) is None:
+            return run(args)
+        result = io.read_json(args.report)
+        if result is None:
+            raise InputError(f"--report {args.report}: no such file")
+        report(result)
+        return result
+
+    return dispatch
 
 
 def show_library_log() -> None:
