@@ -194,7 +194,7 @@ def run(args) -> dict:
     t_jac = time.time()
     op = sj.jacobian_operator(lm, batch, layer, observable="logits")
     d_mats = np.asarray(op.normed_tail_jacobian(), np.float64)           # d norm(h_L) / dh_layer, (B, d, d)
-    factors = op.factors()                                               # C_i: J_i^T J_i = C_i^T C_i
+    factors = op.factors(d_mats)                                         # C_i: J_i^T J_i = C_i^T C_i
     logits = np.asarray(op.value(), np.float64)
     t_jac = time.time() - t_jac
     w_u = np.asarray(lm.unembedding, np.float64)

@@ -125,7 +125,7 @@ def run(args) -> dict:
     observed = sj.TokenBatch(*(np.asarray(x)[: args.n_prompts] for x in batch))
     op_star = sj.jacobian_operator(lm, observed, layer, observable="logprobs", at=v_star)   # J_i at v*
     d_mats = np.asarray(op_star.normed_tail_jacobian(), np.float64)
-    factors = op_star.factors()                                                      # log-prob J_i at v*
+    factors = op_star.factors(d_mats)                                                # log-prob J_i at v*
     w_u = np.asarray(lm.unembedding, np.float64)
     p_star = np.exp(stats.log_softmax(target[: args.n_prompts]))
     # square-root factors of the categorical Fisher: sqrt(W_U^T (diag p - p p^T) W_U) D_i

@@ -8,7 +8,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from steerjax import spectrum
+from steerjax import blas, spectrum
 from steerjax.jacobian import jacobian_operator, unembedding_reduction
 from steerjax.model import LanguageModel, TokenBatch
 
@@ -79,7 +79,8 @@ def logit_top_direction_cos_ones(lm: LanguageModel, normed_jacobians) -> np.ndar
     and the all-ones vector, the softmax's constant-shift direction that changes no probability. With
     W_U = Q R, u_1 = Q u_C for the top left singular vector u_C of R D, so |cos| = |b . u_C| / sqrt(V), b = Q^T 1."""
     reduction = unembedding_reduction(lm)
-    tops = [np.linalg.svd(reduction["R"] @ dm)[0][:, 0] for dm in np.asarray(normed_jacobians, np.float64)]
+    with blas.dense_threads(lm.d):      # d x d SVDs under the same BLAS thread policy as the spectra
+        tops = [np.linalg.svd(reduction["R"] @ dm)[0][:, 0] for dm in np.asarray(normed_jacobians, np.float64)]
     return np.abs(np.array([reduction["b"] @ u for u in tops])) / np.sqrt(lm.config.vocab_size)
 
 

@@ -138,8 +138,7 @@ def operator_functions(config, observable: str, positions: str, recompute: bool,
         jac = jacfwd_chunked(lambda x: f_obs(params, ctx, x), at, chunk)  # (V, d)
         if not fisher:
             return jac
-        p = jax.nn.softmax(f_obs(params, ctx, at))
-        return jnp.sqrt(p)[:, None] * (jac - p @ jac)
+        return out_tangent(f_obs(params, ctx, at), jac.T).T          # whiten each column J e_k
 
     def normed_jacobian(params, ctx, at):
         return jacfwd_chunked(lambda x: normed(params, ctx, x), at, chunk)
