@@ -74,20 +74,27 @@ def scan_tail(step, h, blocks, num_tail: int, xs=None):
     return h
 
 
-def tail_last(config, blocks, ctx: TailContext, x):
-    """h_L (d,) at the last position of ONE prompt (ctx without batch axis) with x (d,) added to h_l
-    at the last position only; blocks (the model's full stack) l..L-1 run on one token against the cached
-    prefix keys/values (l = L - ctx.keys.shape[0])."""
-    h = (ctx.h[-1] + x)[None, None, :]
-    mask = ctx.attention_mask.astype(bool)[None, None, :]
-    cos, sin = ctx.cos[None, -1:], ctx.sin[None, -1:]
+def tail_window(config, blocks, ctx: TailContext, x, window: int):
+    """h_L (window, d) at the last `window` positions of ONE prompt (ctx without batch axis) with x (d,) added
+    to h_l at each of them; blocks (the model's full stack) l..L-1 run on those `window` tokens against the
+    cached keys/values of the earlier positions (l = L - ctx.keys.shape[0]). Causal attention makes this exact:
+    no earlier position sees the steer."""
+    h = (ctx.h[-window:] + x)[None]
+    mask = causal_lm.causal_mask(ctx.attention_mask[None])[:, -window:]          # (1, window, T)
+    cos, sin = ctx.cos[None, -window:], ctx.sin[None, -window:]
 
     def step(h, block_params, kv):
         k, v = kv
-        prefix = (k[None, :-1], v[None, :-1])
+        prefix = (k[None, :-window], v[None, :-window])
         return causal_lm.apply_block(config, block_params, h, cos, sin, mask, kv_prefix=prefix)[0]
 
-    return scan_tail(step, h, blocks, ctx.keys.shape[0], (ctx.keys, ctx.values))[0, 0]
+    return scan_tail(step, h, blocks, ctx.keys.shape[0], (ctx.keys, ctx.values))[0]
+
+
+def tail_last(config, blocks, ctx: TailContext, x):
+    """h_L (d,) at the last position of ONE prompt with x (d,) added to h_l at the last position only: the
+    one-token `tail_window`."""
+    return tail_window(config, blocks, ctx, x, 1)[0]
 
 
 def tail_full(config, blocks, ctx: TailContext, x, steer_mask):
