@@ -23,17 +23,14 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import NamedTuple
 
-import jax.numpy as jnp
 import numpy as np
 
 import steerjax as sj
-from steerjax import data, identifiability, io, plotting, spectrum, stats, tail
+from steerjax import data, identifiability, io, plotting, spectrum
 from steerjax.cli import ArgumentParser, check_trait, fmt, parse_floats, run_cli, run_or_report, wrote
 from steerjax.extraction import extract_vector
 
-FACTOR_BATCH = 16          # prompts per Jacobian operator (memory: 16 x d tangents through the tail at once)
 
 
 def parse_args(argv):
@@ -83,81 +80,26 @@ def parse_args(argv):
     return args
 
 
-def rows_of(batch, indices) -> sj.TokenBatch:
-    """The pool batch's rows `indices` (every slice keeps the pool's width, so shapes and compilations repeat)."""
-    return sj.TokenBatch(np.asarray(batch.ids)[indices], np.asarray(batch.attention_mask)[indices])
-
-
-def chunks(indices: list[int]) -> list[list[int]]:
-    """FACTOR_BATCH-sized chunks, the last one padded with its final index (one compiled shape for all)."""
-    out = [indices[i:i + FACTOR_BATCH] for i in range(0, len(indices), FACTOR_BATCH)]
-    if out and len(out[-1]) < FACTOR_BATCH and len(indices) > FACTOR_BATCH:
-        out[-1] = out[-1] + [out[-1][-1]] * (FACTOR_BATCH - len(out[-1]))
-    return out
-
-
-def layer_pass(lm, pool_batch, indices: list[int], layer: int, with_factors: set[int],
-               output_factors: dict) -> tuple[dict, dict]:
-    """h_l norms {i: ||h_l||} at the last token for every prompt in `indices`, and exact fisher factors
-    {i: C_i (d, d)} for those in `with_factors`. output_factors caches M_i (the output side of the fisher factor,
-    a function of the prompt's next-token distribution only) across layers."""
-    norms, factors = {}, {}
-    for chunk in chunks(indices):
-        op = sj.jacobian_operator(lm, rows_of(pool_batch, chunk), layer, observable="fisher")
-        for i, h in zip(chunk, np.linalg.norm(op.steered_states(), axis=1)):
-            norms[i] = float(h)
-        if not set(chunk) & with_factors:
-            continue
-        missing = [i for i in chunk if i not in output_factors]
-        if missing:
-            for i, m in zip(chunk, op.observable_factors()):
-                output_factors.setdefault(i, m)
-        c = op.factors(observable_factors=np.stack([output_factors[i] for i in chunk]))
-        factors.update({i: c[j] for j, i in enumerate(chunk) if i in with_factors})
-    return norms, factors
-
-
-class HeldoutTail(NamedTuple):
-    """The held-out prompts' unsteered log-probabilities (M, V) and the one-token tail's arguments."""
-
-    base: np.ndarray
-    aux: tuple
-
-
-def heldout_tail(lm, heldout_batch, layer: int) -> HeldoutTail:
-    op = sj.jacobian_operator(lm, heldout_batch, layer, observable="fisher")
-    return HeldoutTail(np.asarray(op.value(), np.float64), op.tail_args())
-
-
-def exact_heldout_kl(lm, heldout: HeldoutTail, directions: np.ndarray, steer_norm: float) -> np.ndarray:
-    """Exact KL(p_j || p_j(s u)) (n_directions,), mean over the held-out prompts j, from the one-token tail."""
-    fn = tail.steered_observable(lm.config, "logits")
-    kls = [stats.kl_divergence(heldout.base, np.asarray(fn(jnp.asarray(steer_norm * u, lm.dtype), heldout.aux),
-                                                        np.float64)).mean()
-           for u in directions]
-    return np.asarray(kls, np.float64)
-
-
 def split_unit(lm, pool_batch, split, layer: int, v: np.ndarray, steer_norm: float, args, factors: dict) -> dict:
     """Every N and tau of one (layer, split), from the exact fisher factors of its prompts."""
     train = np.stack([factors[int(i)] for i in split.train])
     heldout_gram = identifiability.mean_gram(np.stack([factors[int(i)] for i in split.heldout]))
-    heldout = heldout_tail(lm, rows_of(pool_batch, split.heldout), layer)
+    heldout = identifiability.heldout_tail(lm, identifiability.rows_of(pool_batch, split.heldout), layer)
     rng = np.random.default_rng([args.seed, layer, int(split.train[0])])
     random_dirs = identifiability.unit_combinations(np.eye(lm.d), args.exact_directions, rng)
-    random_exact = float(exact_heldout_kl(lm, heldout, random_dirs, steer_norm).mean())
+    random_exact = float(identifiability.exact_mean_kl(lm, heldout, random_dirs, steer_norm).mean())
     random_2nd = identifiability.random_direction_kl(heldout_gram, steer_norm)
     stacked = dict(zip(range(1, len(train) + 1), spectrum.stack_factors(train)))
     rows = []
     for n in args.schedule:
         visible = identifiability.most_visible_orthogonal(stacked[n], v)
         visible_2nd = 0.5 * steer_norm**2 * float(visible @ heldout_gram @ visible)
-        visible_exact = float(exact_heldout_kl(lm, heldout, visible[None], steer_norm)[0])
+        visible_exact = float(identifiability.exact_mean_kl(lm, heldout, visible[None], steer_norm)[0])
         for tau in args.taus:
             basis, train_kl = identifiability.invisible_basis(stacked[n], n, steer_norm, tau)
             k = basis.shape[1]
             inv_2nd = identifiability.mean_kl_per_direction(basis, heldout_gram, steer_norm)
-            inv_exact = (float(exact_heldout_kl(lm, heldout,
+            inv_exact = (float(identifiability.exact_mean_kl(lm, heldout,
                                                 identifiability.unit_combinations(basis, args.exact_directions, rng),
                                                 steer_norm).mean()) if k else None)
             rows.append({
@@ -236,7 +178,7 @@ def run(args) -> dict:
         used = sorted({int(i) for split in splits for i in np.concatenate([split.train, split.heldout])})
         needed = {int(i) for k in todo for i in np.concatenate([splits[k].train, splits[k].heldout])}
         print(f"layer {layer}: exact fisher factors of {len(needed)} prompts ...", file=sys.stderr)
-        norms, factors = layer_pass(lm, pool_batch, used, layer, needed, output_factors)
+        norms, factors = identifiability.prompt_factors(lm, pool_batch, used, layer, needed, output_factors)
         steer_norm = args.steer_fraction * float(np.median([norms[i] for i in used]))
         v = np.asarray(extract_vector(lm, pos, neg, layer), np.float64)
         for k in todo:

@@ -4,17 +4,24 @@ tau-invisible subspace of N stacked training prompts, and its held-out KL next t
 All in NumPy float64 over exact fisher factors C_i (d x d, `JacobianOperator(observable="fisher").factors()`):
 a steer of norm s along the unit direction u moves prompt i's next-token distribution by
 0.5 s^2 ||C_i u||^2 nats to second order. For a prompt set, G = mean_i C_i^T C_i (d x d) and the mean KL of u
-is 0.5 s^2 u^T G u. Bad input raises `steerjax.errors.InputError`.
+is 0.5 s^2 u^T G u. The model side (`prompt_factors`, `HeldoutTail`, `exact_mean_kl`) computes those factors and
+the exact KLs they predict, from the one-token tail. Bad input raises `steerjax.errors.InputError`.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple, Sequence
 
+import jax.numpy as jnp
 import numpy as np
 
+from steerjax import stats, tail
 from steerjax.checks import check_int, check_positive_number, finite_array
 from steerjax.errors import InputError
+from steerjax.jacobian import jacobian_operator
+from steerjax.model import TokenBatch
+
+FACTOR_BATCH = 16          # prompts per Jacobian operator (memory: 16 x d tangents through the tail at once)
 
 
 class Split(NamedTuple):
@@ -96,9 +103,115 @@ def unit_combinations(basis, count: int, rng: np.random.Generator) -> np.ndarray
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
+class Radius(NamedTuple):
+    """Where exact / second-order first leaves [1 - tolerance, 1 + tolerance] along a sweep of steer sizes.
+    value: the crossing (log-linear interpolation between the bracketing sweep points), the first sweep point if
+    it is already outside ("below_sweep": the radius is at most that), or None ("beyond_sweep": inside at every
+    point, so the radius exceeds the largest)."""
+
+    value: float | None
+    status: str          # "crossed" | "below_sweep" | "beyond_sweep"
+
+
+def first_order_radius(sizes: Sequence[float], ratios: Sequence[float], tolerance: float = 0.1) -> Radius:
+    """The smallest steer size at which |exact KL / second-order KL - 1| reaches `tolerance`, for ratios measured
+    at increasing `sizes` (> 0)."""
+    x = finite_array(sizes, "sizes", (1,))
+    r = finite_array(ratios, "ratios", (1,))
+    check_positive_number(tolerance, "tolerance")
+    if x.shape != r.shape or x.size == 0 or np.any(x <= 0) or np.any(np.diff(x) <= 0):
+        raise InputError(f"sizes must be positive and increasing, one per ratio; got {x.size} sizes, {r.size} ratios")
+    err = np.abs(r - 1.0)
+    out = np.flatnonzero(err >= tolerance)
+    if out.size == 0:
+        return Radius(None, "beyond_sweep")
+    k = int(out[0])
+    if k == 0:
+        return Radius(float(x[0]), "below_sweep")
+    t = (tolerance - err[k - 1]) / (err[k] - err[k - 1])
+    return Radius(float(np.exp(np.log(x[k - 1]) + t * (np.log(x[k]) - np.log(x[k - 1])))), "crossed")
+
+
+def subspace_angles_deg(a, b) -> np.ndarray:
+    """Principal angles (min(k_a, k_b),) in degrees, ascending, between span(a (d, k_a)) and span(b (d, k_b))
+    (orthonormal bases), from the singular values of a^T b; empty if either is empty."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape[1] == 0 or b.shape[1] == 0:
+        return np.zeros(0)
+    cos = np.clip(np.linalg.svd(a.T @ b, compute_uv=False), 0.0, 1.0)
+    return np.degrees(np.arccos(cos))
+
+
 def first_below(ns: Sequence[int], ratios: Sequence[float | None], level: float = 0.5) -> int | None:
     """The first N whose ratio is below `level` (None if none is; None ratios are skipped)."""
     for n, r in zip(ns, ratios):
         if r is not None and r < level:
             return int(n)
     return None
+
+
+# ----------------------------------------------------------------------------- the model side
+
+def rows_of(batch: TokenBatch, indices) -> TokenBatch:
+    """A pool batch's rows `indices` (every slice keeps the pool's width, so shapes and compilations repeat)."""
+    return TokenBatch(np.asarray(batch.ids)[indices], np.asarray(batch.attention_mask)[indices])
+
+
+def factor_chunks(indices: list[int]) -> list[list[int]]:
+    """FACTOR_BATCH-sized chunks, the last one padded with its final index (one compiled shape for all)."""
+    out = [indices[i:i + FACTOR_BATCH] for i in range(0, len(indices), FACTOR_BATCH)]
+    if out and len(out[-1]) < FACTOR_BATCH and len(indices) > FACTOR_BATCH:
+        out[-1] = out[-1] + [out[-1][-1]] * (FACTOR_BATCH - len(out[-1]))
+    return out
+
+
+def prompt_factors(lm, pool_batch: TokenBatch, indices: list[int], layer: int, with_factors: set[int] | None = None,
+                   output_factors: dict | None = None, at=None) -> tuple[dict, dict]:
+    """h_l norms {i: ||h_l||} at the last token (unsteered) for every pool prompt in `indices`, and exact fisher
+    factors {i: C_i (d, d)} at the point h_l + at (`at` (d,) or None) for those in `with_factors` (default all).
+    output_factors (a dict, unsteered points only) caches M_i, the output side of the fisher factor, a function of
+    the prompt's next-token distribution only, across layers."""
+    with_factors = set(indices) if with_factors is None else set(with_factors)
+    if at is not None:
+        output_factors = None                      # M_i depends on the point
+    norms, factors = {}, {}
+    for chunk in factor_chunks(list(indices)):
+        op = jacobian_operator(lm, rows_of(pool_batch, chunk), layer, observable="fisher", at=at)
+        for i, h in zip(chunk, np.linalg.norm(op.steered_states(), axis=1)):
+            norms[i] = float(h)
+        if not set(chunk) & with_factors:
+            continue
+        if output_factors is None:
+            c = op.factors()
+        else:
+            if any(i not in output_factors for i in chunk):
+                for i, m in zip(chunk, op.observable_factors()):
+                    output_factors.setdefault(i, m)
+            c = op.factors(observable_factors=np.stack([output_factors[i] for i in chunk]))
+        factors.update({i: c[j] for j, i in enumerate(chunk) if i in with_factors})
+    return norms, factors
+
+
+class HeldoutTail(NamedTuple):
+    """Prompts' unsteered log-probabilities (M, V) float64 and the one-token tail's arguments."""
+
+    base: np.ndarray
+    aux: tuple
+
+
+def heldout_tail(lm, batch: TokenBatch, layer: int) -> HeldoutTail:
+    op = jacobian_operator(lm, batch, layer, observable="fisher")
+    return HeldoutTail(np.asarray(op.value(), np.float64), op.tail_args())
+
+
+def exact_kls(lm, heldout: HeldoutTail, directions, steer_norm: float) -> np.ndarray:
+    """Exact KL(p_j || p_j(s u)) (n_directions, M) of steers s u (directions (n, d)) at the last prompt token of
+    each prompt j, from the one-token tail."""
+    fn = tail.steered_observable(lm.config, "logits")
+    steered = lambda u: np.asarray(fn(jnp.asarray(steer_norm * u, lm.dtype), heldout.aux), np.float64)
+    return np.stack([stats.kl_divergence(heldout.base, steered(u)) for u in np.atleast_2d(directions)])
+
+
+def exact_mean_kl(lm, heldout: HeldoutTail, directions, steer_norm: float) -> np.ndarray:
+    """`exact_kls` averaged over the prompts (n_directions,)."""
+    return exact_kls(lm, heldout, directions, steer_norm).mean(axis=1)

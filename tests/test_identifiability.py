@@ -104,3 +104,31 @@ def test_identifiability_cli(monkeypatch, smollm2, tmp_path, capsys):
     again = json.loads((out / "identifiability_units.json").read_text())["units"]
     assert again["layer=28/split=0"] == units["layer=28/split=0"]
     assert again["layer=28/split=1"]["rows"] == units["layer=28/split=1"]["rows"]
+
+
+def test_first_order_radius():
+    """A ratio 1 + c s^2 crosses 1.1 at s = sqrt(0.1 / c): the log-linear interpolation between sweep points
+    lands within the sweep's grid error; the edge cases say which side of the sweep the radius is on."""
+    sizes = np.geomspace(0.01, 1.0, 41)
+    c = 2.5
+    radius = identifiability.first_order_radius(sizes, 1 + c * sizes**2)
+    assert radius.status == "crossed"
+    assert radius.value == pytest.approx(np.sqrt(0.1 / c), rel=0.01)
+    falling = identifiability.first_order_radius(sizes, 1 - 0.5 * sizes)    # the second order can also overshoot
+    assert falling.value == pytest.approx(0.2, rel=0.01)
+    assert identifiability.first_order_radius(sizes, np.ones(41)) == (None, "beyond_sweep")
+    assert identifiability.first_order_radius(sizes, np.full(41, 1.5)) == (0.01, "below_sweep")
+    with pytest.raises(sj.InputError, match="increasing"):
+        identifiability.first_order_radius(sizes[::-1], np.ones(41))
+
+
+def test_subspace_angles_match_scipy():
+    from scipy.linalg import subspace_angles
+
+    rng = np.random.default_rng(8)
+    a = np.linalg.qr(rng.normal(size=(20, 5)))[0]
+    b = np.linalg.qr(np.hstack([a[:, :2], rng.normal(size=(20, 4))]))[0]      # shares a 2-dim subspace with a
+    ours = identifiability.subspace_angles_deg(a, b)
+    np.testing.assert_allclose(ours, np.sort(np.degrees(subspace_angles(a, b))), atol=1e-6)
+    assert ours.shape == (5,) and np.all(ours[:2] < 1e-5) and ours[2] > 1.0
+    assert identifiability.subspace_angles_deg(a, np.zeros((20, 0))).size == 0
