@@ -15,7 +15,7 @@ from typing import NamedTuple, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from steerjax import stats, tail
+from steerjax import spectrum, stats, tail
 from steerjax.checks import check_int, check_positive_number, finite_array
 from steerjax.errors import InputError
 from steerjax.jacobian import jacobian_operator
@@ -60,12 +60,34 @@ def invisible_basis(stacked_factor, n_prompts: int, steer_norm: float, tau: floa
     check_positive_number(steer_norm, "steer_norm")
     check_positive_number(tau, "tau")
     d = S.shape[1]
+    if S.shape[0] > d:
+        S = np.linalg.qr(S, mode="r")               # same right singular pairs; never an (n d) x (n d) U
     _, s, vt = np.linalg.svd(S, full_matrices=True)
     sigma = np.zeros(d)
     sigma[: s.size] = s
     kl = 0.5 * steer_norm**2 * sigma**2 / n_prompts
     keep = kl <= tau
     return vt[keep].T, kl[keep]
+
+
+def invisible_basis_from_gram(gram, steer_norm: float, tau: float) -> tuple[np.ndarray, np.ndarray]:
+    """As `invisible_basis`, from a mean Gram G (d, d) (mean over prompts, or over prompts and positions) instead
+    of a stacked factor: the eigenvectors (d, k) of G with 0.5 s^2 lambda <= tau, and those KLs (k,). For many
+    stacked blocks (an SVD of the stack would be large); its rounding is ~1e-16 of the largest KL, far below any
+    tau used here."""
+    gram = finite_array(gram, "gram", (2,))
+    check_positive_number(steer_norm, "steer_norm")
+    check_positive_number(tau, "tau")
+    lam, vec = np.linalg.eigh(0.5 * (gram + gram.T))
+    kl = 0.5 * steer_norm**2 * np.maximum(lam, 0.0)
+    keep = kl <= tau
+    return vec[:, keep], kl[keep]
+
+
+def subspace_angles_deg(a, b) -> np.ndarray:
+    """Principal angles (min(k_a, k_b),) in degrees, ascending, between span(a (d, k_a)) and span(b (d, k_b))
+    (orthonormal bases; `spectrum.principal_angles`); empty if either is empty."""
+    return np.degrees(spectrum.principal_angles(a, b))
 
 
 def mean_kl_per_direction(basis, gram, steer_norm: float) -> float | None:
@@ -130,16 +152,6 @@ def first_order_radius(sizes: Sequence[float], ratios: Sequence[float], toleranc
         return Radius(float(x[0]), "below_sweep")
     t = (tolerance - err[k - 1]) / (err[k] - err[k - 1])
     return Radius(float(np.exp(np.log(x[k - 1]) + t * (np.log(x[k]) - np.log(x[k - 1])))), "crossed")
-
-
-def subspace_angles_deg(a, b) -> np.ndarray:
-    """Principal angles (min(k_a, k_b),) in degrees, ascending, between span(a (d, k_a)) and span(b (d, k_b))
-    (orthonormal bases), from the singular values of a^T b; empty if either is empty."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if a.shape[1] == 0 or b.shape[1] == 0:
-        return np.zeros(0)
-    cos = np.clip(np.linalg.svd(a.T @ b, compute_uv=False), 0.0, 1.0)
-    return np.degrees(np.arccos(cos))
 
 
 def first_below(ns: Sequence[int], ratios: Sequence[float | None], level: float = 0.5) -> int | None:

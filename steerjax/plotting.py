@@ -114,3 +114,58 @@ def plot_identifiability(result: dict, path: Path) -> None:
     fig.suptitle(f"{result['model_name']}: do invisible directions stay invisible on new prompts? "
                  f"(steer {s['steer_fraction']:g} x median ||h_l||; dashed: exact KL)", fontsize=9)
     save_figure(fig, path)
+
+
+def plot_first_order(result: dict, path: Path) -> None:
+    """Exact KL / second-order KL against steer size (fraction of the median ||h_l||), one panel per layer, one
+    line per direction family; the +-10% band, and where the trait's v and v + v_perp steer at the studies' alpha."""
+    layers = result["layers"]
+    trait = result["settings"]["trait"]
+    fig, axes = plt.subplots(1, len(layers), figsize=(4.6 * len(layers), 4.2), squeeze=False)
+    for ax, entry in zip(axes[0], layers):
+        sweep = entry["sweep"]
+        for color, (name, fam) in zip(plt.cm.tab10(np.arange(4)), sweep["families"].items()):
+            if fam is not None:
+                ax.plot(sweep["fractions"], fam["ratio"], marker="o", ms=3, color=color,
+                        label=f"{name} ({fam['directions']})")
+        ax.axhspan(0.9, 1.1, color="grey", alpha=0.15, lw=0)
+        ax.axhline(1.0, color="grey", lw=0.8)
+        position = entry["positions"]["traits"][trait]
+        for key, ls in (("v_fraction_pool", "--"), ("v+perp_fraction_pool", ":")):
+            ax.axvline(position[key], color="black", ls=ls, lw=0.9,
+                       label=f"{trait} {key.split('_')[0]} at alpha = {result['settings']['alpha']:g}")
+        ax.set(xscale="log", xlabel="steer size s / median ||h_l||", ylabel="exact KL / second-order KL",
+               title=f"layer {entry['layer']}")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{result['model_name']}: where the second-order KL holds (band: +-10%)", fontsize=9)
+    save_figure(fig, path)
+
+
+def plot_invisible_steering(result: dict, path: Path) -> None:
+    """KL per token against v and the probe score minus v's, against the rotation angle theta, one line per
+    direction family (mean over its directions; bars: the 95% interval over prompts of each direction); hollow
+    markers at 45 degrees: v + ||v|| u (norm sqrt(2) ||v||, the paper's v + v_perp)."""
+    rows = result["summary"]
+    families = [f for f in ("null", "random", "visible") if any(r["family"] == f for r in rows)]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    for ax, key, label in ((axes[0], "kl_per_token", "KL(p_v || p) per token (nats)"),
+                           (axes[1], "score_minus_v", f"{result['settings']['trait']} score - score(v)")):
+        for color, family in zip(plt.cm.tab10(np.arange(len(families))), families):
+            rot = [r for r in rows if r["family"] == family and r["theta"] is not None and r[key] is not None]
+            thetas = sorted({r["theta"] for r in rot})
+            means = [np.mean([r[key]["mean"] for r in rot if r["theta"] == t]) for t in thetas]
+            ax.plot([0.0, *thetas], [0.0, *means], marker="o", color=color, label=family)   # theta = 0 is v
+            for r in rot:
+                ax.plot([r["theta"]] * 2, [r[key]["ci_low"], r[key]["ci_high"]], color=color, alpha=0.4, lw=1)
+            plus = [r for r in rows if r["family"] == family and r["theta"] is None and r[key] is not None]
+            ax.scatter([45.0] * len(plus), [r[key]["mean"] for r in plus], facecolors="none", edgecolors=color)
+        base = next(r for r in rows if r["condition"] == "base")[key]
+        if base is not None:
+            ax.axhline(base["mean"], color="black", ls="--", lw=0.9, label="unsteered (base)")
+        ax.axhline(0.0, color="grey", lw=0.8)
+        ax.set(xlabel="rotation angle theta (degrees) away from v", ylabel=label)
+        ax.legend(fontsize=7)
+    s = result["settings"]
+    fig.suptitle(f"{result['model_name']}: steering v rotated toward invisible, random and visible directions "
+                 f"(layer {s['layer']}, alpha = {s['alpha']:g}; hollow: v + ||v|| u)", fontsize=9)
+    save_figure(fig, path)

@@ -132,3 +132,15 @@ def test_subspace_angles_match_scipy():
     np.testing.assert_allclose(ours, np.sort(np.degrees(subspace_angles(a, b))), atol=1e-6)
     assert ours.shape == (5,) and np.all(ours[:2] < 1e-5) and ours[2] > 1.0
     assert identifiability.subspace_angles_deg(a, np.zeros((20, 0))).size == 0
+
+
+def test_invisible_basis_from_gram_is_the_stacked_one():
+    rng = np.random.default_rng(9)
+    d = 25
+    factors = rng.normal(size=(6, d, d)) * np.geomspace(1.0, 1e-3, d)
+    stacked = list(spectrum.stack_factors(factors))[-1]
+    a, kl_a = identifiability.invisible_basis(stacked, 6, 0.8, 1e-4)
+    b, kl_b = identifiability.invisible_basis_from_gram(identifiability.mean_gram(factors), 0.8, 1e-4)
+    assert 0 < a.shape[1] == b.shape[1] < d
+    np.testing.assert_allclose(np.sort(kl_a), np.sort(kl_b), rtol=1e-6, atol=1e-15)
+    assert np.all(identifiability.subspace_angles_deg(a, b) < 1e-3)
