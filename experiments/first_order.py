@@ -273,6 +273,18 @@ def markdown(result: dict) -> str:
             span = f" [{min(singles):.3f}, {max(singles):.3f}]" if len(singles) > 1 else ""
             lines.append(f"| {entry['layer']} | {name} ({fam['directions']}) | "
                          + " | ".join(f"{r:.3f}" for r in ratios) + f" | {radius_text(fam, fractions)}{span} |")
+    near = [f for f in fractions if f in (0.1, 0.2, 0.3, 0.4)] or fractions[-2:]
+    lines += ["", "*Exact KL(p || p(s u)) in nats at the paper's sizes (mean over held-out prompts and the family's "
+                  "directions) next to the second-order prediction*", "",
+              "| layer | direction | " + " | ".join(f"exact at f = {f:g} | second order" for f in near) + " |",
+              "|---|---|" + "---|---|" * len(near)]
+    for entry in result["layers"]:
+        for name in FAMILIES:
+            fam = entry["sweep"]["families"][name]
+            if fam is not None:
+                cells = [f"{fam['exact_kl'][fractions.index(f)]:.2e} | {fam['second_order_kl'][fractions.index(f)]:.2e}"
+                         for f in near]
+                lines.append(f"| {entry['layer']} | {name} | " + " | ".join(cells) + " |")
     lines += ["", f"*Where the studies steer: alpha ||v_t|| / median ||h_l|| at alpha = {s['alpha']:g}, over the "
                   "pool prompts (the sweep's normalisation) and the studies' evaluation prompts*", "",
               "| layer | trait | v | v + v_perp | 2v | v (eval prompts) | v + v_perp (eval prompts) |",

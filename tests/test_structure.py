@@ -20,7 +20,7 @@ LAYERS = {
     "steerjax.models.layers": 2, "steerjax.models.loading": 2,
     "steerjax.models.causal_lm": 3, "steerjax.models": 3,
     "steerjax.cpu_kernels": 4, "steerjax.spectrum": 4, "steerjax.lanczos": 4, "steerjax.stats": 4,
-    "steerjax.fisher": 4, "steerjax.plotting": 4,
+    "steerjax.fisher": 4, "steerjax.plotting": 4, "steerjax.clustered": 4,
     "steerjax.steering": 5, "steerjax.sharding": 5,
     "steerjax.model": 6,
     "steerjax.tail": 7, "steerjax.generation": 7, "steerjax.extraction": 7,
