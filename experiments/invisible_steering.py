@@ -21,8 +21,10 @@ Each condition samples --samples continuations of --max-new-tokens tokens per he
     forcing: both models read the same v-sampled tokens; mean over generated tokens, then over a prompt's samples);
   - the --trait probe score of each condition's own samples, minus v's, per prompt, and as a fraction of v's
     steering effect (v - base).
-The unit of analysis is the held-out prompt (samples of a prompt are averaged first); intervals are 95% t-intervals
-over prompts, not corrected for multiple comparisons (the clustered statistics of issue 22 are not in yet).
+The unit of analysis is the held-out prompt (samples of a prompt are averaged first): 95% t-intervals over prompts;
+paired t-tests of each condition's score against v's with Holm's correction over the table; TOST of the same
+differences at --margin-fraction x v's steering effect (fixed before the run) with its power at a true difference
+of zero (`steerjax.clustered`).
 Writes DIR/invisible_steering_units.json after every condition (a rerun resumes), invisible_steering.json,
 invisible_steering.csv and invisible_steering.png, and prints the table.
 """
@@ -34,9 +36,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from scipy import stats as st
 
 import steerjax as sj
-from steerjax import behaviour, data, identifiability, io, plotting, sequence, spectrum, stats, studies
+from steerjax import behaviour, clustered, data, identifiability, io, plotting, sequence, spectrum, stats, studies
 from steerjax.cli import ArgumentParser, check_trait, fmt, parse_floats, run_cli, run_or_report, wrote
 from steerjax.extraction import extract_vector
 
@@ -61,6 +64,8 @@ def parse_args(argv):
     p.add_argument("--thetas", default="15,30,45,90", help="rotation angles in degrees (default 15,30,45,90)")
     p.add_argument("--directions", type=int, default=2, help="directions per family (default 2)")
     p.add_argument("--probe", choices=("lexical", "model"), default="lexical", help="trait scorer (default lexical)")
+    p.add_argument("--margin-fraction", type=float, default=0.2,
+                   help="TOST margin as a fraction of v's steering effect on the probe (0.2, fixed before the run)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true",
                    help="preset: 8 training and 4 held-out prompts, 2 samples of 8 tokens, thetas 45,90, 1 direction")
@@ -82,6 +87,8 @@ def parse_args(argv):
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.n_heldout < 2:
         p.error(f"--n-heldout must be >= 2 (intervals are over prompts), got {args.n_heldout}")
+    if not 0 < args.margin_fraction < 1:
+        p.error(f"--margin-fraction must lie in (0, 1), got {args.margin_fraction}")
     if not args.tau > 0 or not 0 < args.steer_fraction < 10 or not args.temperature > 0:
         p.error("--tau, --steer-fraction and --temperature must be > 0")
     if not np.isfinite(args.alpha) or args.alpha == 0:
@@ -148,9 +155,22 @@ def steering_effect(units: dict, samples: int) -> dict:
     return interval(per_prompt(units["cond=v"]["scores"], samples) - per_prompt(units["cond=base"]["scores"], samples))
 
 
-def summarize(units: dict, conditions: dict, samples: int) -> list[dict]:
+def score_tests(diff: np.ndarray, effect: dict, margin_fraction: float) -> dict:
+    """Prompt-level tests of a condition's score difference to v: two-sided paired t p-value, and (when v's effect
+    is known to be non-zero) TOST at margin_fraction x |effect| with its power at a true difference of 0."""
+    out = {"p": float(st.ttest_1samp(diff, 0.0).pvalue) if np.std(diff) > 0 else 1.0}
+    if effect["ci_low"] > 0 or effect["ci_high"] < 0:
+        margin = clustered.effect_margin(effect["mean"], margin_fraction)
+        tost = clustered.tost_paired(diff, margin)
+        out.update(tost_margin=margin, tost_p=tost.p, tost_equivalent=tost.equivalent,
+                   tost_power=clustered.tost_power(diff.size, float(np.std(diff, ddof=1)) or 1e-12, margin))
+    return out
+
+
+def summarize(units: dict, conditions: dict, samples: int, margin_fraction: float) -> list[dict]:
     """Per condition: prompt-level KL per token against v (mean, 95% CI) and probe score differences to v (also
-    over v's steering effect, only when that effect's interval excludes zero)."""
+    over v's steering effect, only when that effect's interval excludes zero), with paired t p-values (Holm-adjusted
+    over the table's conditions) and TOST at an effect-tied margin."""
     score = {k: per_prompt(units[f"cond={k}"]["scores"], samples) for k in conditions}
     effect = steering_effect(units, samples)
     effect_known = effect["ci_low"] > 0 or effect["ci_high"] < 0
@@ -165,7 +185,11 @@ def summarize(units: dict, conditions: dict, samples: int) -> list[dict]:
             "score": interval(score[key]), "score_minus_v": None if key == "v" else interval(diff),
             "score_minus_v_over_effect": (float(diff.mean() / effect["mean"]) if key != "v" and effect_known
                                           else None),
+            "score_tests": None if key == "v" else score_tests(diff, effect, margin_fraction),
         })
+    tested = [r for r in rows if r["score_tests"] is not None]
+    for r, p_holm in zip(tested, clustered.holm([r["score_tests"]["p"] for r in tested])):
+        r["score_tests"]["p_holm"] = float(p_holm)
     return rows
 
 
@@ -182,7 +206,7 @@ def run(args) -> dict:
     train, heldout = [int(i) for i in split.train], [int(i) for i in split.heldout]
     settings = {"model": lm.source, "layer": layer, **{k: getattr(args, k) for k in (
         "trait", "alpha", "n_train", "n_heldout", "samples", "max_new_tokens", "temperature", "tau", "steer_fraction",
-        "thetas", "directions", "probe", "seed", "quick")}}
+        "thetas", "directions", "probe", "margin_fraction", "seed", "quick")}}
     meta = io.run_metadata(lm, seeds={"seed": args.seed})
     out_dir = Path(args.out)
     store = io.UnitStore(out_dir / "invisible_steering_units.json", settings, fresh=args.fresh, meta=meta)
@@ -252,7 +276,8 @@ def run(args) -> dict:
               "steering_effect": steering_effect(units, args.samples),
               "definition": "KL per token = exact KL(p_v || p_c) along v-steered samples, mean over generated tokens "
                             "and a prompt's samples; score differences per prompt; 95% t-intervals over prompts",
-              "summary": summarize(units, conditions, args.samples), "meta": meta, "seconds_total": time.time() - t0}
+              "summary": summarize(units, conditions, args.samples, args.margin_fraction), "meta": meta,
+              "seconds_total": time.time() - t0}
     io.write_json_atomic(out_dir / "invisible_steering.json", result)
     io.write_csv(csv_rows(result), out_dir / "invisible_steering.csv")
     plotting.plot_invisible_steering(result, out_dir / "invisible_steering.png")
@@ -290,13 +315,17 @@ def markdown(result: dict) -> str:
              f"samples; the {s['trait']} probe's score minus v's, and that difference over v's steering effect "
              f"(score(v) - score(base) = {span(effect, '.3f')}; the ratio is shown only when this interval excludes "
              "zero)*", "",
-             "| condition | norm / norm(v) | KL per token (nats) | score - score(v) | / effect of v |",
-             "|---|---|---|---|---|"]
+             "| condition | norm / norm(v) | KL per token (nats) | score - score(v) | / effect of v | p (Holm) | "
+             f"TOST p at {s['margin_fraction']:g} x effect (power) |",
+             "|---|---|---|---|---|---|---|"]
     for r in result["summary"]:
         if r["condition"] == "v":
             continue
+        t = r["score_tests"]
+        tost = f"{t['tost_p']:.3f} ({t['tost_power']:.2f})" if "tost_p" in t else "-"
         lines.append(f"| {r['condition']} | {r['norm_over_v']:.3f} | {span(r['kl_per_token'], '.4f')} | "
-                     f"{span(r['score_minus_v'], '.3f')} | {fmt(r['score_minus_v_over_effect'], '.2f')} |")
+                     f"{span(r['score_minus_v'], '.3f')} | {fmt(r['score_minus_v_over_effect'], '.2f')} | "
+                     f"{t['p_holm']:.3f} | {tost} |")
     return "\n".join(lines)
 
 

@@ -10,7 +10,7 @@ import pytest
 
 import steerjax as sj
 from conftest import load_experiment
-from steerjax import identifiability, stats
+from steerjax import clustered, identifiability, stats
 
 
 @pytest.fixture
@@ -136,6 +136,10 @@ def test_invisible_steering_cli(patched, tmp_path, capsys):
         np.testing.assert_allclose(per_prompt, rows_kl)
         mean, lo, hi = stats.mean_ci(per_prompt)
         assert (r["kl_per_token"]["mean"], r["kl_per_token"]["ci_low"]) == pytest.approx((mean, lo))
+    tested = [r for r in result["summary"] if r["score_tests"] is not None]
+    assert len(tested) == len(keys) - 1
+    np.testing.assert_allclose([r["score_tests"]["p_holm"] for r in tested],
+                               clustered.holm([r["score_tests"]["p"] for r in tested]))
     assert rows["v+random0"]["norm_over_v"] == pytest.approx(np.sqrt(2))
     assert rows["rot90/visible0"]["norm_over_v"] == pytest.approx(1.0)
     assert (out / "invisible_steering.png").stat().st_size > 10_000
