@@ -235,6 +235,18 @@ def radius_text(family: dict | None, fractions: list[float]) -> str:
     return f"{family['radius']:.3f}"
 
 
+def single_range(family: dict, fractions: list[float]) -> str:
+    """" [min, max]" of the single directions' radii ("> largest size" when one stays inside the band throughout);
+    empty for a family of one direction."""
+    if family["directions"] < 2:
+        return ""
+    values = [r for r in family["radius_per_direction"] if r is not None]
+    beyond = "beyond_sweep" in family["radius_status_per_direction"]
+    low = f"{min(values):.3f}" if values else f"> {max(fractions):g}"
+    high = f"> {max(fractions):g}" if beyond else f"{max(values):.3f}"
+    return f" [{low}, {high}]"
+
+
 def summary_rows(result: dict) -> list[dict]:
     """One row per (layer, family): the radius and the ratio at every swept size."""
     rows = []
@@ -269,8 +281,7 @@ def markdown(result: dict) -> str:
                 lines.append(f"| {entry['layer']} | {name} | " + " | ".join("-" for _ in shown) + " | - |")
                 continue
             ratios = [fam["ratio"][fractions.index(f)] for f in shown]
-            singles = [r for r in fam["radius_per_direction"] if r is not None]
-            span = f" [{min(singles):.3f}, {max(singles):.3f}]" if len(singles) > 1 else ""
+            span = single_range(fam, fractions)
             lines.append(f"| {entry['layer']} | {name} ({fam['directions']}) | "
                          + " | ".join(f"{r:.3f}" for r in ratios) + f" | {radius_text(fam, fractions)}{span} |")
     near = [f for f in fractions if f in (0.1, 0.2, 0.3, 0.4)] or fractions[-2:]

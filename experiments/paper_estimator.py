@@ -105,8 +105,27 @@ def print_table(result: dict) -> None:
               f"{r['null_fraction_paper_formula']:>13.3f}")
 
 
+def markdown(result: dict) -> str:
+    """docs/identifiability.md's table for one layer, from a result file."""
+    s = result["settings"]
+    lines = [f"*{result['model_name']}, layer {result['layer']}, prompt {result['prompt']!r}; rank = #sigma > "
+             f"{s['threshold']:g} sigma_max*", "",
+             "| layer | method | rank | null fraction (d - rank) / d | paper's formula 1 - rank / "
+             f"{s['n_directions']} |", "|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {result['layer']} | {r['method']} | {r['rank']} | {r['null_fraction_over_d']:.3f} | "
+                     f"{r['null_fraction_paper_formula']:.3f} |")
+    return "\n".join(lines)
+
+
+def report(result: dict) -> None:
+    print_table(result)
+    print()
+    print(markdown(result))
+
+
 def main(argv=None) -> int:
-    return run_cli(parse_args, run_or_report(run, print_table), argv)
+    return run_cli(parse_args, run_or_report(run, report), argv)
 
 
 if __name__ == "__main__":

@@ -22,9 +22,10 @@ from steerjax import data, stats
 from steerjax.checks import check_positive_int, check_positive_number
 from steerjax.errors import InputError
 from steerjax.extraction import extract_vector
-from steerjax.generation import generate, generated_texts
+from steerjax.generation import GenerationOutput, eos_tuple, generate, generated_texts
 from steerjax.io import UnitStore
 from steerjax.probes import make_probe
+from steerjax.sequence import continuation_logprobs
 from steerjax.steering import Steer
 from steerjax.studies import StudyProtocol
 
@@ -90,12 +91,40 @@ def condition_seed(protocol: StudyProtocol, base_seed: int, key: str) -> int:
 
 
 def generate_condition(lm, plan: GenerationPlan, batch, layer: int | None, vector, alpha: float,
-                       positions: str, seed: int) -> list[str]:
-    """Generated continuations (generated text only, cut at EOS), one per plan row. layer None: unsteered."""
+                       positions: str, seed: int) -> tuple[list[str], GenerationOutput]:
+    """Generated continuations (generated text only, cut at EOS), one per plan row, and the raw output.
+    layer None: unsteered."""
     steer = None if layer is None else Steer(int(layer), np.asarray(vector, np.float64), float(alpha), positions)
     out = generate(lm, batch, steer, max_new_tokens=plan.max_new_tokens, temperature=plan.temperature,
                    top_p=plan.top_p, seed=seed)
-    return generated_texts(lm, out)
+    return generated_texts(lm, out), out
+
+
+def repetition_rate(token_ids: Sequence[int], n: int = 3) -> float | None:
+    """1 - distinct n-grams / n-grams of one continuation's token ids: 0 when no n-gram repeats, -> 1 for a loop;
+    None when it has fewer than n tokens. A degeneration measure to read next to the trait scores."""
+    check_positive_int(n, "n")
+    ids = [int(t) for t in token_ids]
+    grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
+    return None if not grams else 1.0 - len(set(grams)) / len(grams)
+
+
+def fluency(lm, out: GenerationOutput, n: int = 3) -> dict[str, list]:
+    """Per row of a generation: the repetition rate of its continuation (`repetition_rate`, tokens up to EOS) and
+    the unsteered model's mean per-token log-likelihood of it (nats), so a trait change can be told from
+    degeneration."""
+    logp = continuation_logprobs(lm, out.tokens, out.attention_mask, out.prompt_len)
+    eos = set(eos_tuple(lm.config))
+    repetition = []
+    for row in np.asarray(out.tokens)[:, out.prompt_len:]:
+        kept = []
+        for t in row:
+            if int(t) in eos:
+                break
+            kept.append(int(t))
+        repetition.append(repetition_rate(kept, n))
+    loglik = [None if np.all(np.isnan(r)) else float(np.nanmean(r)) for r in logp]
+    return {"repetition": repetition, "unsteered_loglik": loglik}
 
 
 def score_rows(probe, row_prompts: Sequence[str], texts: Sequence[str]) -> dict[str, list[float]]:
@@ -110,7 +139,7 @@ def run_conditions(lm, plan: GenerationPlan, conditions: Mapping[str, tuple], st
 
     conditions: key -> (layer or None, vector (d,) or None, alpha); probes: trait -> Probe (every
     condition is scored by every probe). Each stored unit: texts, scores {trait: {"generated",
-    "with_prompt"}}, seed, seconds."""
+    "with_prompt"}}, fluency {"repetition", "unsteered_loglik"} (`fluency`), seed, seconds."""
     from tqdm import tqdm
 
     todo = [k for k in conditions if k not in store]
@@ -123,9 +152,10 @@ def run_conditions(lm, plan: GenerationPlan, conditions: Mapping[str, tuple], st
         layer, vector, alpha = conditions[key]
         seed = condition_seed(protocol, base_seed, key)
         t0 = time.time()
-        texts = generate_condition(lm, plan, batch, layer, vector, alpha, protocol.positions, seed)
+        texts, out = generate_condition(lm, plan, batch, layer, vector, alpha, protocol.positions, seed)
         scores = {trait: score_rows(probe, rows, texts) for trait, probe in probes.items()}
-        store.put(key, {"texts": texts, "scores": scores, "seed": seed, "seconds": time.time() - t0})
+        store.put(key, {"texts": texts, "scores": scores, "fluency": fluency(lm, out), "seed": seed,
+                        "seconds": time.time() - t0})
         bar.update(1)
     bar.close()
 

@@ -131,3 +131,24 @@ def sequence_kl(lm: LanguageModel, tokens, attention_mask, prompt_len: int, stee
         out.append(stats.kl_divergence(*logits))
     kl = np.concatenate(out)
     return np.where(mask[:, P:].astype(bool), kl, np.nan)
+
+
+def continuation_logprobs(lm: LanguageModel, tokens, attention_mask, prompt_len: int, steer: Steer | None = None,
+                          rows_per_call: int = 8) -> np.ndarray:
+    """log p(token g | prefix) (B, G) of each generated token of sequences tokens (B, P + G) under the model
+    steered by `steer` (None: unsteered) as in generation; NaN where the token is padding (after an EOS). The
+    unsteered model's mean over g is a fluency measure of a continuation (per-token log-likelihood)."""
+    tokens = np.asarray(tokens)
+    mask = np.asarray(attention_mask)
+    if tokens.ndim != 2 or tokens.shape != mask.shape:
+        raise InputError(f"tokens and attention_mask must be equal (B, T) arrays, got {tokens.shape}, {mask.shape}")
+    P = check_int(prompt_len, "prompt_len", 1, tokens.shape[1] - 1)
+    rows_per_call = check_int(rows_per_call, "rows_per_call", low=1)
+    out = []
+    for start in range(0, tokens.shape[0], rows_per_call):
+        rows = slice(start, start + rows_per_call)
+        logits = np.asarray(lm.forward(tokens[rows], steer_rows(steer, rows), attention_mask=mask[rows],
+                                       prompt_len=P).logits[:, P - 1:-1], np.float64)
+        logp = stats.log_softmax(logits)
+        out.append(np.take_along_axis(logp, tokens[rows, P:, None].astype(np.int64), axis=-1)[..., 0])
+    return np.where(mask[:, P:].astype(bool), np.concatenate(out), np.nan)

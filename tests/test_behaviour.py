@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import steerjax as sj
-from steerjax import behaviour, io, stats, studies
+from steerjax import behaviour, io, sequence, stats, studies
 
 PAPER = studies.StudyProtocol.paper("last+generated")
 CORRECTED = studies.StudyProtocol.corrected("last+generated")
@@ -101,6 +101,13 @@ def test_effect_size_and_efficacy_follow_the_protocol():
     assert behaviour.efficacy(CORRECTED, a, const, const) is None          # v has no effect: undefined, not inf
 
 
+def test_repetition_rate():
+    assert behaviour.repetition_rate([1, 2, 3, 4, 5], n=3) == 0.0
+    assert behaviour.repetition_rate([7] * 10, n=3) == pytest.approx(1 - 1 / 8)
+    assert behaviour.repetition_rate([1, 2, 1, 2, 1, 2], n=2) == pytest.approx(1 - 2 / 5)
+    assert behaviour.repetition_rate([1, 2], n=3) is None
+
+
 # ----------------------------------------------------------------------------- generation on SmolLM2
 
 def test_run_conditions_pairs_sampling_and_matches_direct_generation(smollm2, tmp_path):
@@ -127,6 +134,10 @@ def test_run_conditions_pairs_sampling_and_matches_direct_generation(smollm2, tm
         out = sj.generate(lm, lm.tokenize(plan.row_prompts), sj.Steer(15, v, 2.0, "last+generated"),
                           max_new_tokens=6, temperature=0.8, seed=unit["seed"])
         assert unit["texts"] == sj.generated_texts(lm, out)
+        # fluency: the unsteered model's mean log-likelihood of each stored continuation, and its repetition rate
+        logp = sequence.continuation_logprobs(lm, out.tokens, out.attention_mask, out.prompt_len)
+        np.testing.assert_allclose(unit["fluency"]["unsteered_loglik"], np.nanmean(logp, axis=1), rtol=1e-6)
+        assert all(r is None or 0 <= r < 1 for r in unit["fluency"]["repetition"])
     # paired sampling: identical conditions give identical samples; the paper's fresh noise does not
     assert units["corrected"]["base"]["texts"] == units["corrected"]["base_again"]["texts"]
     assert units["paper"]["base"]["texts"] != units["paper"]["base_again"]["texts"]

@@ -161,3 +161,25 @@ def test_bad_input(tiny):
         sequence.sequence_fisher_factors(lm, batch, 1, batch.ids.shape[1] - 2)
     with pytest.raises(sj.InputError, match="prompt_len"):
         sequence.sequence_kl(lm, batch.ids, batch.attention_mask, 0, None, None)
+
+
+def test_continuation_logprobs_match_hf(tiny_checkpoints):
+    """log p of each generated token under the (steered) model, against the HF model with the same hook."""
+    folder, hf_model = tiny_checkpoints[NAME]
+    lm = sj.load_model(folder)
+    rng = np.random.default_rng(6)
+    batch = sj.model.left_pad([list(rng.integers(1, 150, size=n)) for n in (4, 6)], pad_id=0)
+    out = sj.generate(lm, batch, max_new_tokens=5, temperature=1.0, seed=2)
+    P, tokens, mask = out.prompt_len, np.array(out.tokens), np.array(out.attention_mask)
+    v = rng.normal(size=lm.d)
+    steer = sj.Steer(1, v, 0.6, "last+generated")
+    ours = sequence.continuation_logprobs(lm, tokens, mask, P, steer, rows_per_call=1)
+    with hf_steering_hook(hf_model, 1, v, 0.6, np.asarray(sj.steering.position_mask("last+generated", P, mask))), \
+            torch.no_grad():
+        logits = hf_model(input_ids=torch.as_tensor(tokens), attention_mask=torch.as_tensor(mask),
+                          position_ids=torch.as_tensor(hf_positions(mask))).logits[:, P - 1:-1].double().numpy()
+    ref = np.take_along_axis(stats.log_softmax(logits), tokens[:, P:, None], axis=-1)[..., 0]
+    ref = np.where(mask[:, P:].astype(bool), ref, np.nan)
+    np.testing.assert_array_equal(np.isnan(ours), np.isnan(ref))
+    np.testing.assert_allclose(ours[~np.isnan(ours)], ref[~np.isnan(ref)], atol=1e-4)   # float32 passes
+    assert np.all(ours[~np.isnan(ours)] < 0)

@@ -1,0 +1,30 @@
+"""Every table in docs/identifiability.md is regenerated from a committed result file: each study's --report
+markdown of its file under docs/data/ appears verbatim in the page (no model is loaded)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import load_experiment
+
+ROOT = Path(__file__).resolve().parents[1]
+TABLES = [
+    ("identifiability", "identifiability_smollm2.json"),
+    ("paper_estimator", "paper_estimator_smollm2_layer15.json"),
+    ("paper_estimator", "paper_estimator_smollm2_layer25.json"),
+    ("first_order", "first_order_smollm2.json"),
+    ("sequence_identifiability", "sequence_identifiability_smollm2.json"),
+    ("invisible_steering", "invisible_steering_smollm2.json"),
+]
+
+
+@pytest.mark.parametrize("script,name", TABLES)
+def test_identifiability_page_tables_come_from_committed_files(script, name):
+    page = (ROOT / "docs" / "identifiability.md").read_text()
+    result = json.loads((ROOT / "docs" / "data" / name).read_text())
+    table = load_experiment(script).markdown(result)
+    for block in table.split("\n\n"):
+        assert block in page, f"{name}: a table of `python experiments/{script}.py --report` is not in the page"
