@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 import steerjax as sj
-from steerjax import behaviour, cli, data, io, stats, studies
+from steerjax import behaviour, cli, clustered, data, io, stats, studies
 
 
 def parse_args(argv):
@@ -41,6 +41,9 @@ def parse_args(argv):
     p.add_argument("--seeds", type=int, default=10, help="orthogonal directions per trait (default 10)")
     p.add_argument("--seed-counts", default="5,10", help="n for the Table 1 rows: mean +- sd over the first n seeds")
     p.add_argument("--alpha", type=float, default=1.0, help="steering strength (default 1.0, as the paper)")
+    p.add_argument("--margin-fraction", type=float, default=0.2,
+                   help="TOST margin as a fraction of v's prompt-level effect over base (default 0.2, fixed before "
+                        "the run)")
     p.add_argument("--quick", action="store_true",
                    help="preset: 4 prompts x 2 samples, 16 tokens, 3 seeds (n = 2, 3): a smoke run in ~2 min")
     p.add_argument("--out", default=None, help="output folder (default results/orthogonal_<protocol>)")
@@ -59,6 +62,8 @@ def parse_args(argv):
     args.seed_counts = sorted({int(c) for c in counts})
     if not np.isfinite(args.alpha) or args.alpha == 0:
         p.error(f"--alpha must be finite and non-zero, got {args.alpha}")
+    if not 0 < args.margin_fraction < 1:
+        p.error(f"--margin-fraction must lie in (0, 1), got {args.margin_fraction}")
     if not 1 <= args.n_prompts <= 100:
         p.error(f"--n-prompts must be in [1, 100] (the neutral evaluation set has 100), got {args.n_prompts}")
     args.out = args.out or f"results/orthogonal_{args.protocol}"
@@ -79,7 +84,54 @@ def build_conditions(protocol, vectors, steer_layer, alpha, seeds, base_seed) ->
         for s in range(seeds):
             conditions[f"{trait}/v+perp{s}"] = (steer_layer, v + perps[trait][s], alpha)
             conditions[f"{trait}/perp{s}"] = (steer_layer, perps[trait][s], alpha)
+            if protocol.name == "corrected":        # norm-matched: v + v_perp rescaled to ||v|| (the paper's is sqrt 2)
+                both = v + perps[trait][s]
+                matched = both * np.linalg.norm(v) / np.linalg.norm(both)
+                conditions[f"{trait}/v+perp{s}/matched"] = (steer_layer, matched, alpha)
     return conditions, perps
+
+
+def prompt_level(store, protocol, trait, seeds, clusters, margin_fraction) -> dict:
+    """The prompt as the unit (issue 22): v's effect over base, each seed's v + v_perp (and its norm-matched
+    version) minus v with cluster intervals and TOST at margin_fraction x v's effect, the seeds pooled per prompt,
+    and the heterogeneity of the seeds' effects (DerSimonian-Laird tau^2, Cochran's Q)."""
+    score = lambda key: behaviour.scores_of(store[key], protocol, trait)
+    base, v = score("base"), score(f"{trait}/v")
+    effect = behaviour.prompt_comparison(v, base, clusters)
+    compare = lambda key: behaviour.prompt_comparison(score(key), v, clusters, effect["mean"], margin_fraction)
+    per_seed = []
+    for s in range(seeds):
+        row = {"seed": s, "v_plus_perp_minus_v": compare(f"{trait}/v+perp{s}")}
+        if f"{trait}/v+perp{s}/matched" in store:
+            row["matched_minus_v"] = compare(f"{trait}/v+perp{s}/matched")
+        per_seed.append(row)
+    pooled_rows = np.mean([score(f"{trait}/v+perp{s}") for s in range(seeds)], axis=0)
+    out = {"v_minus_base": effect, "clustering_v": behaviour.clustering(v, clusters), "per_seed": per_seed,
+           "pooled_v_plus_perp_minus_v": behaviour.prompt_comparison(pooled_rows, v, clusters, effect["mean"],
+                                                                      margin_fraction)}
+    for name in ("v_plus_perp_minus_v", "matched_minus_v"):
+        rows = [r[name] for r in per_seed if name in r]
+        if len(rows) >= 2 and all(r["sd_prompt"] > 0 for r in rows):
+            variances = [r["sd_prompt"] ** 2 / r["n_prompts"] for r in rows]
+            het = clustered.heterogeneity([r["mean"] for r in rows], variances)
+            out[f"heterogeneity_{name}"] = het._asdict()
+    if f"{trait}/v+perp0/matched" in store:
+        matched = np.mean([score(f"{trait}/v+perp{s}/matched") for s in range(seeds)], axis=0)
+        out["pooled_matched_minus_v"] = behaviour.prompt_comparison(matched, v, clusters, effect["mean"],
+                                                                    margin_fraction)
+    return out
+
+
+def holm_within_table(traits: dict) -> None:
+    """Holm-adjust, across the table's traits, each family of prompt-level p-values (in place: `p_holm`)."""
+    for name, key in (("v_minus_base", "p"), ("pooled_v_plus_perp_minus_v", "p"), ("pooled_v_plus_perp_minus_v",
+                                                                                   "tost_p"),
+                      ("pooled_matched_minus_v", "p"), ("pooled_matched_minus_v", "tost_p")):
+        entries = [t["prompt_level"][name] for t in traits.values()
+                   if name in t["prompt_level"] and t["prompt_level"][name].get(key) is not None]
+        if entries:
+            for entry, adjusted in zip(entries, clustered.holm([e[key] for e in entries])):
+                entry[f"{key}_holm"] = float(adjusted)
 
 
 def analyse_trait(store, protocol, trait, seeds, seed_counts) -> dict:
@@ -120,7 +172,8 @@ def run(args) -> dict:
     conditions, perps = build_conditions(protocol, vectors, steer_layer, args.alpha, args.seeds, args.seed)
     settings = {"model": lm.source, "protocol": protocol.name, "read_layer": read_layer, "steer_layer": steer_layer,
                 "positions": protocol.positions, "traits": args.traits, "alpha": args.alpha, "seeds": args.seeds,
-                "seed": args.seed, "plan": plan.__dict__, "probe": args.probe, "quick": args.quick}
+                "seed": args.seed, "plan": plan.__dict__, "probe": args.probe, "quick": args.quick,
+                "margin_fraction": args.margin_fraction}
     out_dir = Path(args.out)
     meta = io.run_metadata(lm, seeds={"seed": args.seed, "seeds": args.seeds})
     store = io.UnitStore(out_dir / "orthogonal_units.json", settings, fresh=args.fresh, meta=meta)
@@ -135,14 +188,18 @@ def run(args) -> dict:
               "vectors": {t: {"norm": float(np.linalg.norm(v)),
                               "max_abs_cos_perp": float(np.max(np.abs(perps[t] @ v)) / np.linalg.norm(v) ** 2)}
                           for t, v in vectors.items()},
-              "traits": {t: analyse_trait(store, protocol, t, args.seeds, args.seed_counts) for t in args.traits},
+              "traits": {t: {**analyse_trait(store, protocol, t, args.seeds, args.seed_counts),
+                             "prompt_level": prompt_level(store, protocol, t, args.seeds, behaviour.row_clusters(plan),
+                                                          args.margin_fraction)} for t in args.traits},
               "seconds_generation": sum(store[k]["seconds"] for k in conditions), "meta": meta}
+    holm_within_table(result["traits"])
     result["seconds_total"] = time.time() - t0
     io.write_json_atomic(out_dir / "orthogonal.json", result)
     io.write_csv([row for t in args.traits for row in result["traits"][t]["table"]], out_dir / "orthogonal.csv")
     plot_perp_only(result, out_dir / "perp_only.png")
     plot_effect_sizes(result, out_dir / "effect_sizes.png")
     print_table(result)
+    print_prompt_level(result)
     cli.wrote([out_dir / name for name in ("orthogonal.json", "orthogonal.csv", "perp_only.png", "effect_sizes.png")],
               t0)
     return result
@@ -225,6 +282,28 @@ def print_table(result: dict) -> None:
         if "d_v_vs_2v" in r:
             line += f"  2v {r['mean_2v']:.3f}, d(2v vs v) {cli.fmt(r['d_v_vs_2v'], '+.2f')}"
         print(line)
+
+
+def print_prompt_level(result: dict) -> None:
+    """The prompt-level table (issue 22): per trait, v's effect over base, pooled v + v_perp (and norm-matched)
+    minus v with cluster 95% intervals, TOST at the effect-tied margin with its power, Holm-adjusted p, tau^2."""
+    print(f"\nprompt level ({result['settings']['plan']['samples_per_prompt']} samples per prompt averaged; cluster "
+          f"bootstrap 95% CI; TOST margin {result['settings']['margin_fraction']:g} x effect of v; Holm over traits):")
+    for trait, r in result["traits"].items():
+        pl = r["prompt_level"]
+        e = pl["v_minus_base"]
+        print(f"  {trait:<11} v - base {e['mean']:+.3f} [{e['ci_low']:+.3f}, {e['ci_high']:+.3f}] "
+              f"p_holm={cli.fmt(e.get('p_holm'), '.3f')}  ICC(v) {pl['clustering_v']['icc']:.2f}")
+        for name in ("pooled_v_plus_perp_minus_v", "pooled_matched_minus_v"):
+            if name not in pl:
+                continue
+            c = pl[name]
+            het = pl.get(f"heterogeneity_{name.replace('pooled_', '')}")
+            print(f"  {'':<11} {name.replace('pooled_', '').replace('_minus_v', ''):<14} - v {c['mean']:+.3f} "
+                  f"[{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] p_holm={cli.fmt(c.get('p_holm'), '.3f')}  TOST "
+                  f"p_holm={cli.fmt(c.get('tost_p_holm'), '.3f')} (power {cli.fmt(c.get('tost_power'), '.2f')}, "
+                  f"{cli.fmt(c.get('prompts_for_80_power'), '')} prompts for 80%)"
+                  + ("" if het is None else f"  tau^2 {het['tau2']:.2e} (Q p={het['p']:.3f})"))
 
 
 def main(argv=None) -> int:

@@ -18,7 +18,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from steerjax import data, stats
+from steerjax import clustered, data, stats
 from steerjax.checks import check_positive_int, check_positive_number
 from steerjax.errors import InputError
 from steerjax.extraction import extract_vector
@@ -184,3 +184,42 @@ def efficacy(protocol: StudyProtocol, perp, v, base) -> float | None:
 def make_probes(kind: str, traits: Sequence[str], lm=None) -> dict:
     """trait -> Probe of the given kind ("lexical" or "model")."""
     return {t: make_probe(kind, t, lm=lm if kind == "model" else None) for t in traits}
+
+
+# ----------------------------------------------------------------------------- prompt-level statistics
+
+def row_clusters(plan: GenerationPlan) -> np.ndarray:
+    """The prompt index of every plan row (n_rows,) (rows are prompt-major)."""
+    return np.repeat(np.arange(len(plan.prompts)), plan.samples_per_prompt)
+
+
+def prompt_comparison(a, b, clusters, steering_effect: float | None = None, margin_fraction: float = 0.2,
+                      seed: int = 0) -> dict:
+    """a vs b (rows paired by index, clustered by prompt) with the prompt as the unit: the mean of the per-prompt
+    paired differences a - b with its cluster-bootstrap 95% interval and paired t p-value, and, when the steering
+    effect (mean(v) - mean(base), prompt level) is given and non-zero, TOST at margin_fraction x |effect| with its
+    power at a true difference of 0 for the number of prompts run."""
+    diffs = clustered.paired_differences(a, b, clusters)
+    rows = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    ci = clustered.cluster_bootstrap_ci(rows, clusters, seed=seed)
+    sd = float(np.std(diffs, ddof=1))
+    out = {"mean": float(diffs.mean()), "ci_low": ci.low, "ci_high": ci.high, "n_prompts": int(diffs.size),
+           "sd_prompt": sd, "p": float(stats.paired_t_p(diffs)) if sd > 0 else 1.0}
+    if steering_effect is not None and steering_effect != 0 and np.isfinite(steering_effect):
+        margin = clustered.effect_margin(steering_effect, margin_fraction)
+        tost = clustered.tost_paired(diffs, margin) if sd > 0 else None
+        try:
+            needed = clustered.units_for_power(sd, margin) if sd > 0 else None
+        except InputError:                     # beyond the search limit: report "more than" as None
+            needed = None
+        out.update(margin=margin, margin_fraction=margin_fraction,
+                   tost_p=None if tost is None else tost.p, equivalent=None if tost is None else tost.equivalent,
+                   tost_power=clustered.tost_power(diffs.size, sd, margin) if sd > 0 else None,
+                   prompts_for_80_power=needed)
+    return out
+
+
+def clustering(scores, clusters) -> dict:
+    """ICC(1) and design effect of one condition's scores: how much the prompt explains."""
+    icc = clustered.icc_oneway(scores, clusters)
+    return {"icc": icc.icc, "design_effect": icc.design_effect, "samples_per_prompt": icc.mean_cluster_size}

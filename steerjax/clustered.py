@@ -202,10 +202,20 @@ def units_for_power(sd: float, margin: float, power: float = 0.8, true_differenc
                     alpha: float = 0.05, max_units: int = 100_000) -> int:
     """The smallest number of units at which `tost_power` reaches `power`."""
     check_fraction(power, "power")
-    lo, hi = 2, 4
+    check_positive_number(sd, "sd")
+    check_positive_number(margin, "margin")
+    # normal-theory guess (z_{1-alpha} + z_{(1+power)/2})^2 sd^2 / (margin - |delta|)^2, then an exact search
+    slack = margin - abs(true_difference)
+    if slack <= 0:
+        raise InputError(f"a true difference of {true_difference} is not inside the margin {margin}: TOST cannot "
+                         "reach any power")
+    guess = ((st.norm.ppf(1 - alpha) + st.norm.ppf((1 + power) / 2)) * sd / slack) ** 2
+    if guess > max_units:
+        raise InputError(f"about {guess:.0f} units would be needed for power {power} (more than {max_units})")
+    lo, hi = 2, max(4, int(guess))
     while tost_power(hi, sd, margin, true_difference, alpha) < power:
         lo, hi = hi, hi * 2
-        if hi > max_units:
+        if hi > 2 * max_units:
             raise InputError(f"more than {max_units} units would be needed for power {power}")
     while lo < hi:
         mid = (lo + hi) // 2

@@ -39,6 +39,7 @@ __all__ = [
     "equivalence",
     "mean_sd",
     "mean_ci",
+    "paired_t_p",
     "log_softmax",
     "kl_divergence",
     "js_divergence",
@@ -361,6 +362,12 @@ def mean_sd(values: Sequence[float | None]) -> dict:
     x = np.array([v for v in values if v is not None], np.float64)
     return {"mean": float(x.mean()) if x.size else None, "sd": float(x.std(ddof=1)) if x.size > 1 else None,
             "n": int(x.size)}
+
+
+def paired_t_p(differences) -> float:
+    """Two-sided one-sample t-test p-value of mean(differences) = 0 (n >= 2 unit-level differences)."""
+    d = _sample(differences, "differences", 2)
+    return float(_st.ttest_1samp(d, 0.0).pvalue)
 
 
 def mean_ci(x, confidence: float = 0.95) -> tuple[float, float, float]:

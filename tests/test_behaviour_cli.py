@@ -35,7 +35,8 @@ def test_orthogonal_cli(serve_smollm2, tmp_path, capsys):
     result = json.loads((out / "orthogonal.json").read_text())
     units = json.loads((out / "orthogonal_units.json").read_text())
     assert set(units["units"]) == {"base", "formality/v", "formality/2v", "formality/v+perp0", "formality/v+perp1",
-                                   "formality/perp0", "formality/perp1"}
+                                   "formality/perp0", "formality/perp1", "formality/v+perp0/matched",
+                                   "formality/v+perp1/matched"}
     assert result["settings"]["read_layer"] == result["settings"]["steer_layer"] == 15     # corrected: no off-by-one
     assert result["vectors"]["formality"]["max_abs_cos_perp"] < 1e-10
     r = result["traits"]["formality"]
@@ -48,6 +49,14 @@ def test_orthogonal_cli(serve_smollm2, tmp_path, capsys):
         assert seed_row["d"] == (pytest.approx(ref_d) if ref_d is not None else None)
         if v.mean() != base.mean():
             assert seed_row["efficacy"] == pytest.approx((perp.mean() - base.mean()) / (v.mean() - base.mean()))
+    # prompt level: per-prompt means of the paired row differences (2 prompts x 2 samples), seeds pooled per row
+    pl = r["prompt_level"]
+    base = scores(units, "base", "formality")
+    assert pl["v_minus_base"]["mean"] == pytest.approx(np.mean((v - base).reshape(2, 2).mean(axis=1)))
+    pooled = np.mean([scores(units, f"formality/v+perp{s}", "formality") for s in range(2)], axis=0)
+    assert pl["pooled_v_plus_perp_minus_v"]["mean"] == pytest.approx(np.mean(pooled - v))
+    assert pl["pooled_v_plus_perp_minus_v"]["n_prompts"] == 2 and "pooled_matched_minus_v" in pl
+    assert "prompt level" in printed
     ds = [s["d"] for s in r["per_seed"] if s["d"] is not None]
     assert r["table"][0]["n_seeds"] == 2 and (not ds or r["table"][0]["d_mean"] == pytest.approx(np.mean(ds)))
     assert len(units["units"]["base"]["texts"]) == 4
@@ -65,7 +74,7 @@ def test_orthogonal_cli(serve_smollm2, tmp_path, capsys):
 
     # resume: nothing is regenerated
     assert cli.main(argv) == 0
-    assert "resuming: 7 of 7 conditions" in capsys.readouterr().err
+    assert "resuming: 9 of 9 conditions" in capsys.readouterr().err
     # another protocol into the same folder is refused (finished work is not overwritten) ...
     assert cli.main([*argv, "--protocol", "paper"]) == 2
     assert "different settings" in capsys.readouterr().err
