@@ -162,8 +162,13 @@ def score_tests(diff: np.ndarray, effect: dict, margin_fraction: float) -> dict:
     if effect["ci_low"] > 0 or effect["ci_high"] < 0:
         margin = clustered.effect_margin(effect["mean"], margin_fraction)
         tost = clustered.tost_paired(diff, margin)
+        sd = float(np.std(diff, ddof=1)) or 1e-12
+        try:
+            needed = clustered.units_for_power(sd, margin)
+        except sj.InputError:
+            needed = None
         out.update(tost_margin=margin, tost_p=tost.p, tost_equivalent=tost.equivalent,
-                   tost_power=clustered.tost_power(diff.size, float(np.std(diff, ddof=1)) or 1e-12, margin))
+                   tost_power=clustered.tost_power(diff.size, sd, margin), prompts_for_80_power=needed)
     return out
 
 
@@ -316,8 +321,8 @@ def markdown(result: dict) -> str:
              f"(score(v) - score(base) = {span(effect, '.3f')}; the ratio is shown only when this interval excludes "
              "zero)*", "",
              "| condition | norm / norm(v) | KL per token (nats) | score - score(v) | / effect of v | p (Holm) | "
-             f"TOST p at {s['margin_fraction']:g} x effect (power) |",
-             "|---|---|---|---|---|---|---|"]
+             f"TOST p at {s['margin_fraction']:g} x effect (power) | prompts for 80% power |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in result["summary"]:
         if r["condition"] == "v":
             continue
@@ -325,7 +330,7 @@ def markdown(result: dict) -> str:
         tost = f"{t['tost_p']:.3f} ({t['tost_power']:.2f})" if "tost_p" in t else "-"
         lines.append(f"| {r['condition']} | {r['norm_over_v']:.3f} | {span(r['kl_per_token'], '.4f')} | "
                      f"{span(r['score_minus_v'], '.3f')} | {fmt(r['score_minus_v_over_effect'], '.2f')} | "
-                     f"{t['p_holm']:.3f} | {tost} |")
+                     f"{t['p_holm']:.3f} | {tost} | {fmt(t.get('prompts_for_80_power'), '')} |")
     return "\n".join(lines)
 
 
