@@ -114,7 +114,7 @@ def prompt_level(store, protocol, trait, seeds, clusters, margin_fraction) -> di
         if len(rows) >= 2 and all(r["sd_prompt"] > 0 for r in rows):
             variances = [r["sd_prompt"] ** 2 / r["n_prompts"] for r in rows]
             het = clustered.heterogeneity([r["mean"] for r in rows], variances)
-            out[f"heterogeneity_{name}"] = het._asdict()
+            out[f"heterogeneity_{name}"] = het.to_dict()
     if f"{trait}/v+perp0/matched" in store:
         matched = np.mean([score(f"{trait}/v+perp{s}/matched") for s in range(seeds)], axis=0)
         out["pooled_matched_minus_v"] = behaviour.prompt_comparison(matched, v, clusters, effect["mean"],

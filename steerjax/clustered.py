@@ -238,6 +238,9 @@ class Heterogeneity(NamedTuple):
     se: float
     k: int
 
+    def to_dict(self) -> dict:
+        return dict(zip(self._fields, self))
+
 
 def heterogeneity(effects, variances) -> Heterogeneity:
     """Between-direction heterogeneity of effects (k,) with sampling variances (k,) (e.g. one effect per v_perp

@@ -57,7 +57,7 @@ def test_first_order_cli(patched, tmp_path, capsys):
                                                                  ["v_norm"], rel=1e-6)
     assert (out / "first_order.png").stat().st_size > 10_000
     assert cli.main(["--report", str(out / "first_order.json")]) == 0
-    assert capsys.readouterr().out.count("\n| 28 | ") == 4 + 3 + 2       # families, traits, points
+    assert capsys.readouterr().out.count("\n| 28 | ") == 4 + 4 + 3 + 2     # ratios, exact KLs, traits, points
     drop_unit(out / "first_order_units.json", "layer=28/point=v")
     assert cli.main(argv) == 0
     assert "resuming: 3 finished" in capsys.readouterr().err
