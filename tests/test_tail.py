@@ -54,9 +54,10 @@ def test_operator_at_v_is_the_jvp_of_the_steered_observable(smollm2):
     lp = tail.steered_observable(lm.config, "logprobs")
     np.testing.assert_allclose(np.asarray(op_v.value()), np.asarray(lp(jnp.asarray(v, jnp.float32), op0.tail_args())),
                                atol=LOGIT_ATOL)
+    # one compiled JVP (jit over the whole transformation, with the model as an argument, not a constant)
+    jvp = jax.jit(lambda aux, y, t: jax.jvp(lambda z: lp(z, aux), (y,), (t,))[1])
     for x in rng.normal(size=(2, lm.d)):
-        jx = jax.jvp(lambda y: lp(y, op0.tail_args()), (jnp.asarray(v, jnp.float32),),
-                     (jnp.asarray(x, jnp.float32),))[1]
+        jx = jvp(op0.tail_args(), jnp.asarray(v, jnp.float32), jnp.asarray(x, jnp.float32))
         np.testing.assert_allclose(np.linalg.norm(cv @ x, axis=1), np.linalg.norm(np.asarray(jx, np.float64), axis=1),
                                    rtol=NORM_RTOL)
     # the Jacobian did move: J(v) differs from J(0)
