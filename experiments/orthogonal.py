@@ -41,9 +41,6 @@ def parse_args(argv):
     p.add_argument("--seeds", type=int, default=10, help="orthogonal directions per trait (default 10)")
     p.add_argument("--seed-counts", default="5,10", help="n for the Table 1 rows: mean +- sd over the first n seeds")
     p.add_argument("--alpha", type=float, default=1.0, help="steering strength (default 1.0, as the paper)")
-    p.add_argument("--margin-fraction", type=float, default=0.2,
-                   help="TOST margin as a fraction of v's prompt-level effect over base (default 0.2, fixed before "
-                        "the run)")
     p.add_argument("--quick", action="store_true",
                    help="preset: 4 prompts x 2 samples, 16 tokens, 3 seeds (n = 2, 3): a smoke run in ~2 min")
     p.add_argument("--out", default=None, help="output folder (default results/orthogonal_<protocol>)")
@@ -62,8 +59,6 @@ def parse_args(argv):
     args.seed_counts = sorted({int(c) for c in counts})
     if not np.isfinite(args.alpha) or args.alpha == 0:
         p.error(f"--alpha must be finite and non-zero, got {args.alpha}")
-    if not 0 < args.margin_fraction < 1:
-        p.error(f"--margin-fraction must lie in (0, 1), got {args.margin_fraction}")
     if not 1 <= args.n_prompts <= 100:
         p.error(f"--n-prompts must be in [1, 100] (the neutral evaluation set has 100), got {args.n_prompts}")
     args.out = args.out or f"results/orthogonal_{args.protocol}"

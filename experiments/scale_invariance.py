@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 import steerjax as sj
-from steerjax import behaviour, cli, data, io, stats, studies
+from steerjax import behaviour, cli, clustered, data, io, stats, studies
 
 
 def parse_args(argv):
@@ -71,7 +71,29 @@ def prompt_means(scores: np.ndarray, n_prompts: int) -> np.ndarray:
     return np.asarray(scores, np.float64).reshape(-1, n_prompts, scores.shape[-1] // n_prompts).mean(axis=(0, 2))
 
 
-def analyse_trait(store, protocol, trait, alphas, seeds, n_prompts) -> list[dict]:
+def prompt_level(base, v, perps, clusters, margin_fraction: float) -> dict:
+    """The prompt as the unit (issue 22) at one alpha: v - base, the seeds' v + v_perp pooled per row minus v with
+    a cluster-bootstrap CI and TOST at margin_fraction x (v - base) with its power, and the seeds' heterogeneity."""
+    effect = behaviour.prompt_comparison(v, base, clusters)
+    pooled = behaviour.prompt_comparison(perps.mean(axis=0), v, clusters, effect["mean"], margin_fraction)
+    per_seed = [behaviour.prompt_comparison(p, v, clusters) for p in perps]
+    out = {"v_minus_base": effect, "pooled_v_plus_perp_minus_v": pooled}
+    if len(per_seed) >= 2 and all(r["sd_prompt"] > 0 for r in per_seed):
+        variances = [r["sd_prompt"] ** 2 / r["n_prompts"] for r in per_seed]
+        out["heterogeneity"] = clustered.heterogeneity([r["mean"] for r in per_seed], variances).to_dict()
+    return out
+
+
+def holm_within_table(rows: list[dict]) -> None:
+    """Holm-adjust the table's prompt-level p-values of pooled v + v_perp minus v (and their TOST p) in place."""
+    for key in ("p", "tost_p"):
+        entries = [r["prompt_level"]["pooled_v_plus_perp_minus_v"] for r in rows if r["prompt_level"]
+                   and r["prompt_level"]["pooled_v_plus_perp_minus_v"].get(key) is not None]
+        for entry, adjusted in zip(entries, clustered.holm([e[key] for e in entries])):
+            entry[f"{key}_holm"] = float(adjusted)
+
+
+def analyse_trait(store, protocol, trait, alphas, seeds, n_prompts, clusters, margin_fraction) -> list[dict]:
     score = lambda key: behaviour.scores_of(store[key], protocol, trait)
     rows = []
     for a in alphas:
@@ -91,10 +113,11 @@ def analyse_trait(store, protocol, trait, alphas, seeds, n_prompts) -> list[dict
             eq = stats.equivalence(v, perps.reshape(-1))
             row.update({"d_mean": stat["mean"], "d_sd": stat["sd"], "tost_p": eq["tost_p"],
                         "equivalent_at_0.2sd": eq["equivalent"], "minimum_detectable_d": eq["minimum_detectable_d"],
-                        "per_seed_d": ds, "per_seed_mean": perps.mean(axis=1).tolist()})
+                        "per_seed_d": ds, "per_seed_mean": perps.mean(axis=1).tolist(),
+                        "prompt_level": prompt_level(score("base"), v, perps, clusters, margin_fraction)})
         else:
             row.update({"d_mean": None, "d_sd": None, "tost_p": None, "equivalent_at_0.2sd": None,
-                        "minimum_detectable_d": None, "per_seed_d": [], "per_seed_mean": []})
+                        "minimum_detectable_d": None, "per_seed_d": [], "per_seed_mean": [], "prompt_level": None})
         rows.append(row)
     return rows
 
@@ -112,7 +135,8 @@ def run(args) -> dict:
     conditions = build_conditions(vectors, perps, steer_layer, args.alphas)
     settings = {"model": lm.source, "protocol": protocol.name, "read_layer": read_layer, "steer_layer": steer_layer,
                 "positions": protocol.positions, "traits": args.traits, "alphas": args.alphas, "seeds": args.seeds,
-                "seed": args.seed, "plan": plan.__dict__, "probe": args.probe, "quick": args.quick}
+                "seed": args.seed, "plan": plan.__dict__, "probe": args.probe, "quick": args.quick,
+                "margin_fraction": args.margin_fraction}
     out_dir = Path(args.out)
     meta = io.run_metadata(lm, seeds={"seed": args.seed, "seeds": args.seeds})
     store = io.UnitStore(out_dir / "scale_invariance_units.json", settings, fresh=args.fresh, meta=meta)
@@ -122,7 +146,9 @@ def run(args) -> dict:
     probes = behaviour.make_probes(args.probe, data.TRAITS, lm)
     behaviour.run_conditions(lm, plan, conditions, store, probes, protocol, args.seed, desc="scale conditions")
 
-    rows = [r for t in args.traits for r in analyse_trait(store, protocol, t, args.alphas, args.seeds, len(prompts))]
+    rows = [r for t in args.traits for r in analyse_trait(store, protocol, t, args.alphas, args.seeds, len(prompts),
+                                                           behaviour.row_clusters(plan), args.margin_fraction)]
+    holm_within_table(rows)
     result = {"model": lm.source, "model_name": Path(lm.source).name, "settings": settings,
               "protocol": {**protocol.__dict__}, "n_rows_per_condition": plan.n_rows,
               "vector_norms": {t: float(np.linalg.norm(v)) for t, v in vectors.items()}, "rows": rows,
@@ -130,7 +156,7 @@ def run(args) -> dict:
               "seconds_generation": sum(store[k]["seconds"] for k in conditions), "meta": meta}
     result["seconds_total"] = time.time() - t0
     io.write_json_atomic(out_dir / "scale_invariance.json", result)
-    io.write_csv([{k: x for k, x in r.items() if not k.startswith("per_seed")} for r in rows],
+    io.write_csv([{k: x for k, x in r.items() if not k.startswith("per_seed") and k != "prompt_level"} for r in rows],
                  out_dir / "scale_invariance.csv")
     plot_curves(result, out_dir / "figure3.png")
     print_table(result)

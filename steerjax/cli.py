@@ -119,6 +119,9 @@ def add_study_arguments(p, *, n_prompts: int, samples: int, max_new_tokens: int,
     p.add_argument("--read-layer", type=int, default=None, help="extraction layer (default L // 2)")
     p.add_argument("--seed", type=int, default=0, help="base random seed (directions and sampling)")
     p.add_argument("--fresh", action="store_true", help="discard finished units in --out instead of resuming")
+    p.add_argument("--margin-fraction", type=float, default=0.2,
+                   help="TOST equivalence margin as a fraction of v's prompt-level effect over base (default 0.2, "
+                        "fixed before the run and recorded)")
 
 
 def check_study_arguments(p, args) -> None:
@@ -131,6 +134,8 @@ def check_study_arguments(p, args) -> None:
         p.error("need at least 2 rows (--n-prompts x --samples) per condition for effect sizes")
     if not (math.isfinite(args.temperature) and args.temperature > 0):
         p.error(f"--temperature must be finite and > 0, got {args.temperature}")
+    if not 0 < args.margin_fraction < 1:
+        p.error(f"--margin-fraction must lie in (0, 1), got {args.margin_fraction}")
 
 
 def parse_traits(p, text: str) -> list[str]:

@@ -9,9 +9,34 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import gc
+
 import jax
 import numpy as np
 import pytest
+
+# XLA:CPU maps each compiled executable's code into its own memory regions. One pytest process compiles
+# thousands of programs, and near the end of a full run the process held ~60k mappings: at the kernel's
+# vm.max_map_count (65530 by default) mmap fails inside the compiler, which segfaulted. After any test module that
+# leaves more than MAP_LIMIT mappings, JAX's compilation caches are dropped (later modules recompile what they use).
+MAP_LIMIT = 25_000
+
+
+def memory_mappings() -> int:
+    try:
+        with open("/proc/self/maps") as f:
+            return sum(1 for _ in f)
+    except OSError:                                  # not Linux: no such limit to watch
+        return 0
+
+
+@pytest.fixture(autouse=True, scope="module")
+def bounded_compiled_code():
+    yield
+    if memory_mappings() > MAP_LIMIT:
+        jax.clear_caches()
+        gc.collect()
+
 
 TINY_VOCAB = 160
 TINY_CONFIGS = {

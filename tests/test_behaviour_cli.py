@@ -121,6 +121,13 @@ def test_scale_invariance_cli(serve_smollm2, tmp_path, capsys):
     assert (two["ci_v_low"], two["ci_v_high"]) == pytest.approx((pm.mean() - half, pm.mean() + half))
     assert (out / "figure3.png").stat().st_size > 5_000
     assert f"| formality | 2 | {two['mean_v']:.3f}" in load_experiment("report").folder_markdown(out)
+    # prompt level: the seeds pooled per row, minus v, averaged per prompt; v - base per prompt
+    pl = two["prompt_level"]
+    pooled_rows = np.mean([scores(units, f"formality/a2/v+perp{s}", "formality") for s in range(2)], axis=0)
+    assert pl["pooled_v_plus_perp_minus_v"]["mean"] == pytest.approx(np.mean((pooled_rows - v).reshape(2, 2)))
+    base = scores(units, "base", "formality")
+    assert pl["v_minus_base"]["mean"] == pytest.approx(np.mean(v - base))
+    assert zero["prompt_level"] is None
 
 
 @pytest.mark.slow  # two environments x generation + exact Jacobians + an independent SVD: minutes on 2 cores
