@@ -31,9 +31,8 @@ from pathlib import Path
 import numpy as np
 
 import steerjax as sj
-from steerjax import data, identifiability, io, plotting, spectrum, studies
+from steerjax import behaviour, data, identifiability, io, plotting, spectrum, studies
 from steerjax.cli import ArgumentParser, check_trait, fmt, parse_floats, run_cli, run_or_report, wrote
-from steerjax.extraction import extract_vector
 
 FAMILIES = ("v", "invisible", "random", "visible")
 POINTS = ("v", "v+perp")
@@ -135,16 +134,16 @@ def point_unit(lm, pool_batch, train: list[int], layer: int, offset: np.ndarray,
             "kl_at_point_of_h_subspace": identifiability.mean_kl_per_direction(basis_h, gram_point, steer_norm)}
 
 
-def behavioural_positions(lm, layer: int, median_pool: float, alpha: float) -> dict:
-    """Per trait: ||v_t||, and alpha ||v||, alpha ||v + v_perp|| = sqrt(2) alpha ||v|| and 2 alpha ||v|| as
-    fractions of the median ||h_l|| of the pool prompts and of the studies' evaluation prompts."""
+def behavioural_positions(lm, layer: int, median_pool: float, alpha: float, vectors: dict) -> dict:
+    """Per trait (vectors: trait -> v_t at the layer): ||v_t||, and alpha ||v||, alpha ||v + v_perp|| =
+    sqrt(2) alpha ||v|| and 2 alpha ||v|| as fractions of the median ||h_l|| of the pool prompts and of the studies'
+    evaluation prompts."""
     eval_norms = np.linalg.norm(np.asarray(lm.forward(lm.tokenize(data.neutral_eval_prompts()),
                                                       return_hidden=True).hidden[layer][:, -1], np.float64), axis=1)
     median_eval = float(np.median(eval_norms))
     out = {}
-    for trait in data.TRAITS:
-        pos, neg = data.trait_pairs(trait)
-        norm = float(np.linalg.norm(np.asarray(extract_vector(lm, pos, neg, layer), np.float64)))
+    for trait, vector in vectors.items():
+        norm = float(np.linalg.norm(vector))
         out[trait] = {"v_norm": norm, **{
             f"{name}_fraction_{where}": abs(alpha) * scale * norm / median
             for name, scale in (("v", 1.0), ("v+perp", np.sqrt(2.0)), ("2v", 2.0))
@@ -171,7 +170,6 @@ def run(args) -> dict:
     store = io.UnitStore(out_dir / "first_order_units.json", settings, fresh=args.fresh, meta=meta)
     if store.resumed:
         print(f"resuming: {store.resumed} finished (layer, part) units in {store.path}", file=sys.stderr)
-    pos, neg = data.trait_pairs(args.trait)
     pool_batch = lm.tokenize(pool)
     parts = ("sweep", "positions", *(f"point={p}" for p in POINTS))
     bar = tqdm(total=len(args.layers) * len(parts), initial=len(store), desc="(layer, part)", unit="unit",
@@ -185,7 +183,8 @@ def run(args) -> dict:
         steer_norm = args.steer_fraction * median_h
         stacked = list(spectrum.stack_factors(np.stack([factors[i] for i in train])))[-1]
         basis_h, _ = identifiability.invisible_basis(stacked, len(train), steer_norm, args.tau)
-        v = np.asarray(extract_vector(lm, pos, neg, layer), np.float64)
+        vectors = behaviour.trait_vectors(lm, data.TRAITS, layer)         # the studies' mean-difference vectors
+        v = vectors[args.trait]
         rng = np.random.default_rng([args.seed, layer])
         directions = family_directions(basis_h, stacked, v, args.directions, rng)
         perp = studies.orthogonal_to(v, rng)
@@ -200,7 +199,7 @@ def run(args) -> dict:
             bar.update(1)
         key = f"layer={layer}/positions"
         if key not in store:
-            store.put(key, {**common, **behavioural_positions(lm, layer, median_h, args.alpha)})
+            store.put(key, {**common, **behavioural_positions(lm, layer, median_h, args.alpha, vectors)})
             bar.update(1)
         for point, offset in (("v", args.alpha * v), ("v+perp", args.alpha * (v + perp))):
             key = f"layer={layer}/point={point}"

@@ -89,6 +89,8 @@ def holm_within_table(rows: list[dict]) -> None:
     for key in ("p", "tost_p"):
         entries = [r["prompt_level"]["pooled_v_plus_perp_minus_v"] for r in rows if r["prompt_level"]
                    and r["prompt_level"]["pooled_v_plus_perp_minus_v"].get(key) is not None]
+        if not entries:
+            continue
         for entry, adjusted in zip(entries, clustered.holm([e[key] for e in entries])):
             entry[f"{key}_holm"] = float(adjusted)
 
