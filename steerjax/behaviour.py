@@ -22,7 +22,7 @@ from steerjax import clustered, data, stats
 from steerjax.checks import check_positive_int, check_positive_number
 from steerjax.errors import InputError
 from steerjax.extraction import extract_vector
-from steerjax.generation import GenerationOutput, eos_tuple, generate, generated_texts
+from steerjax.generation import GenerationOutput, generate, generated_texts, generated_token_ids
 from steerjax.io import UnitStore
 from steerjax.probes import make_probe
 from steerjax.sequence import continuation_logprobs
@@ -114,15 +114,7 @@ def fluency(lm, out: GenerationOutput, n: int = 3) -> dict[str, list]:
     the unsteered model's mean per-token log-likelihood of it (nats), so a trait change can be told from
     degeneration."""
     logp = continuation_logprobs(lm, out.tokens, out.attention_mask, out.prompt_len)
-    eos = set(eos_tuple(lm.config))
-    repetition = []
-    for row in np.asarray(out.tokens)[:, out.prompt_len:]:
-        kept = []
-        for t in row:
-            if int(t) in eos:
-                break
-            kept.append(int(t))
-        repetition.append(repetition_rate(kept, n))
+    repetition = [repetition_rate(ids, n) for ids in generated_token_ids(lm, out)]
     loglik = [None if np.all(np.isnan(r)) else float(np.nanmean(r)) for r in logp]
     return {"repetition": repetition, "unsteered_loglik": loglik}
 

@@ -349,16 +349,20 @@ def generate(lm: LanguageModel, ids, steer: Steer | None = None, max_new_tokens:
     return GenerationOutput(np.asarray(tokens), np.asarray(mask), T, logits)
 
 
-def generated_texts(lm: LanguageModel, out: GenerationOutput) -> list[str]:
-    """Decoded continuations only (never the prompt), cut at the first EOS."""
+def generated_token_ids(lm: LanguageModel, out: GenerationOutput) -> list[list[int]]:
+    """Each row's generated token ids (never the prompt), cut at the first EOS."""
     eos = set(eos_tuple(lm.config))
-    texts = []
+    rows = []
     for row in np.asarray(out.tokens)[:, out.prompt_len:]:
         kept = []
         for t in row:
             if int(t) in eos:
                 break
             kept.append(int(t))
-        texts.append(lm.tokenizer.decode(kept, skip_special_tokens=True))
-    return texts
+        rows.append(kept)
+    return rows
 
+
+def generated_texts(lm: LanguageModel, out: GenerationOutput) -> list[str]:
+    """Decoded continuations only (never the prompt), cut at the first EOS."""
+    return [lm.tokenizer.decode(ids, skip_special_tokens=True) for ids in generated_token_ids(lm, out)]

@@ -110,6 +110,26 @@ def steer_rows(steer: Steer | None, rows: slice) -> Steer | None:
     return dataclasses.replace(steer, vector=np.asarray(steer.vector)[rows])
 
 
+def check_sequences(tokens, attention_mask, prompt_len: int, rows_per_call: int):
+    """(tokens, mask (B, T) arrays, prompt_len, rows_per_call) checked: equal 2-D shapes, 1 <= P < T."""
+    tokens = np.asarray(tokens)
+    mask = np.asarray(attention_mask)
+    if tokens.ndim != 2 or tokens.shape != mask.shape:
+        raise InputError(f"tokens and attention_mask must be equal (B, T) arrays, got {tokens.shape}, {mask.shape}")
+    P = check_int(prompt_len, "prompt_len", 1, tokens.shape[1] - 1)
+    return tokens, mask, P, check_int(rows_per_call, "rows_per_call", low=1)
+
+
+def generated_logits(lm: LanguageModel, tokens, mask, prompt_len: int, steers, rows_per_call: int):
+    """Per chunk of rows_per_call rows: (rows slice, [float64 logits (b, G, V) that predict the G generated tokens,
+    one array per steer in `steers`]), each steer applied as in generation (teacher forcing)."""
+    for start in range(0, tokens.shape[0], rows_per_call):
+        rows = slice(start, start + rows_per_call)
+        yield rows, [np.asarray(lm.forward(tokens[rows], steer_rows(steer, rows), attention_mask=mask[rows],
+                                           prompt_len=prompt_len).logits[:, prompt_len - 1:-1], np.float64)
+                     for steer in steers]
+
+
 def sequence_kl(lm: LanguageModel, tokens, attention_mask, prompt_len: int, steer_a: Steer | None,
                 steer_b: Steer | None, rows_per_call: int = 8) -> np.ndarray:
     """Exact KL(p_a || p_b) (B, G) nats at each generated position of teacher-forced sequences tokens (B, P + G)
@@ -117,19 +137,9 @@ def sequence_kl(lm: LanguageModel, tokens, attention_mask, prompt_len: int, stee
     next-token distributions of the model steered by steer_a / steer_b (None: unsteered) applied as in
     generation (vectors (d,) or one per row (B, d)): column g is the distribution that predicts generated
     token g; NaN where that token is padding (after an EOS)."""
-    tokens = np.asarray(tokens)
-    mask = np.asarray(attention_mask)
-    if tokens.ndim != 2 or tokens.shape != mask.shape:
-        raise InputError(f"tokens and attention_mask must be equal (B, T) arrays, got {tokens.shape}, {mask.shape}")
-    P = check_int(prompt_len, "prompt_len", 1, tokens.shape[1] - 1)
-    rows_per_call = check_int(rows_per_call, "rows_per_call", low=1)
-    out = []
-    for start in range(0, tokens.shape[0], rows_per_call):
-        rows = slice(start, start + rows_per_call)
-        logits = [np.asarray(lm.forward(tokens[rows], steer_rows(steer, rows), attention_mask=mask[rows],
-                                        prompt_len=P).logits[:, P - 1:-1], np.float64) for steer in (steer_a, steer_b)]
-        out.append(stats.kl_divergence(*logits))
-    kl = np.concatenate(out)
+    tokens, mask, P, rows_per_call = check_sequences(tokens, attention_mask, prompt_len, rows_per_call)
+    kl = np.concatenate([stats.kl_divergence(*logits)
+                         for _, logits in generated_logits(lm, tokens, mask, P, (steer_a, steer_b), rows_per_call)])
     return np.where(mask[:, P:].astype(bool), kl, np.nan)
 
 
@@ -138,17 +148,7 @@ def continuation_logprobs(lm: LanguageModel, tokens, attention_mask, prompt_len:
     """log p(token g | prefix) (B, G) of each generated token of sequences tokens (B, P + G) under the model
     steered by `steer` (None: unsteered) as in generation; NaN where the token is padding (after an EOS). The
     unsteered model's mean over g is a fluency measure of a continuation (per-token log-likelihood)."""
-    tokens = np.asarray(tokens)
-    mask = np.asarray(attention_mask)
-    if tokens.ndim != 2 or tokens.shape != mask.shape:
-        raise InputError(f"tokens and attention_mask must be equal (B, T) arrays, got {tokens.shape}, {mask.shape}")
-    P = check_int(prompt_len, "prompt_len", 1, tokens.shape[1] - 1)
-    rows_per_call = check_int(rows_per_call, "rows_per_call", low=1)
-    out = []
-    for start in range(0, tokens.shape[0], rows_per_call):
-        rows = slice(start, start + rows_per_call)
-        logits = np.asarray(lm.forward(tokens[rows], steer_rows(steer, rows), attention_mask=mask[rows],
-                                       prompt_len=P).logits[:, P - 1:-1], np.float64)
-        logp = stats.log_softmax(logits)
-        out.append(np.take_along_axis(logp, tokens[rows, P:, None].astype(np.int64), axis=-1)[..., 0])
+    tokens, mask, P, rows_per_call = check_sequences(tokens, attention_mask, prompt_len, rows_per_call)
+    out = [np.take_along_axis(stats.log_softmax(logits), tokens[rows, P:, None].astype(np.int64), axis=-1)[..., 0]
+           for rows, (logits,) in generated_logits(lm, tokens, mask, P, (steer,), rows_per_call)]
     return np.where(mask[:, P:].astype(bool), np.concatenate(out), np.nan)
