@@ -37,9 +37,9 @@ from steerjax import behaviour, cli, clustered, data, io, stats, studies
 
 def parse_args(argv):
     p = cli.ArgumentParser(description=__doc__)
-    cli.add_study_arguments(p, n_prompts=20, samples=5, max_new_tokens=40)
-    p.add_argument("--seeds", type=int, default=10, help="orthogonal directions per trait (default 10)")
-    p.add_argument("--seed-counts", default="5,10", help="n for the Table 1 rows: mean +- sd over the first n seeds")
+    cli.add_study_arguments(p, n_prompts=100, samples=2, max_new_tokens=40)
+    p.add_argument("--seeds", type=int, default=4, help="orthogonal directions per trait (default 4)")
+    p.add_argument("--seed-counts", default="2,4", help="n for the Table 1 rows: mean +- sd over the first n seeds")
     p.add_argument("--alpha", type=float, default=1.0, help="steering strength (default 1.0, as the paper)")
     p.add_argument("--quick", action="store_true",
                    help="preset: 4 prompts x 2 samples, 16 tokens, 3 seeds (n = 2, 3): a smoke run in ~2 min")
@@ -86,47 +86,52 @@ def build_conditions(protocol, vectors, steer_layer, alpha, seeds, base_seed) ->
     return conditions, perps
 
 
-def prompt_level(store, protocol, trait, seeds, clusters, margin_fraction) -> dict:
-    """The prompt as the unit (issue 22): v's effect over base, each seed's v + v_perp (and its norm-matched
-    version) minus v with cluster intervals and TOST at margin_fraction x v's effect, the seeds pooled per prompt,
-    and the heterogeneity of the seeds' effects (DerSimonian-Laird tau^2, Cochran's Q)."""
-    score = lambda key: behaviour.scores_of(store[key], protocol, trait)
-    base, v = score("base"), score(f"{trait}/v")
-    effect = behaviour.prompt_comparison(v, base, clusters)
-    compare = lambda key: behaviour.prompt_comparison(score(key), v, clusters, effect["mean"], margin_fraction)
-    per_seed = []
-    for s in range(seeds):
-        row = {"seed": s, "v_plus_perp_minus_v": compare(f"{trait}/v+perp{s}")}
-        if f"{trait}/v+perp{s}/matched" in store:
-            row["matched_minus_v"] = compare(f"{trait}/v+perp{s}/matched")
-        per_seed.append(row)
-    pooled_rows = np.mean([score(f"{trait}/v+perp{s}") for s in range(seeds)], axis=0)
-    out = {"v_minus_base": effect, "clustering_v": behaviour.clustering(v, clusters), "per_seed": per_seed,
-           "pooled_v_plus_perp_minus_v": behaviour.prompt_comparison(pooled_rows, v, clusters, effect["mean"],
-                                                                      margin_fraction)}
-    for name in ("v_plus_perp_minus_v", "matched_minus_v"):
-        rows = [r[name] for r in per_seed if name in r]
-        if len(rows) >= 2 and all(r["sd_prompt"] > 0 for r in rows):
-            variances = [r["sd_prompt"] ** 2 / r["n_prompts"] for r in rows]
-            het = clustered.heterogeneity([r["mean"] for r in rows], variances)
-            out[f"heterogeneity_{name}"] = het.to_dict()
-    if f"{trait}/v+perp0/matched" in store:
-        matched = np.mean([score(f"{trait}/v+perp{s}/matched") for s in range(seeds)], axis=0)
-        out["pooled_matched_minus_v"] = behaviour.prompt_comparison(matched, v, clusters, effect["mean"],
-                                                                    margin_fraction)
+def prompt_level(store, protocol, trait, seeds, clusters, margin_fraction, kind=None) -> dict | None:
+    """The prompt as the unit (issue 22), scored by the primary probe or the second probe `kind`: v's effect over
+    base, each seed's v + v_perp (and its norm-matched version) minus v with cluster intervals and TOST at
+    margin_fraction x v's effect, the seeds pooled per row, and the seeds' heterogeneity. None when the second
+    probe did not score these conditions."""
+    keys = ["base", f"{trait}/v", *(f"{trait}/v+perp{s}" for s in range(seeds))]
+    if kind is not None and not all(behaviour.has_second_scores(store[k], kind, trait) for k in keys):
+        return None
+    score = lambda key: behaviour.scores_of(store[key], protocol, trait, kind)
+    families = {"v_plus_perp": [score(f"{trait}/v+perp{s}") for s in range(seeds)]}
+    matched = [f"{trait}/v+perp{s}/matched" for s in range(seeds)]
+    if all(k in store and (kind is None or behaviour.has_second_scores(store[k], kind, trait)) for k in matched):
+        families["matched"] = [score(k) for k in matched]
+    v = score(f"{trait}/v")
+    out = behaviour.perturbation_comparison(score("base"), v, families, clusters, margin_fraction)
+    out["clustering_v"] = behaviour.clustering(v, clusters)
+    return out
+
+
+def fluency_by_family(store, trait, seeds, clusters) -> dict:
+    """Prompt-level fluency (repetition rate, unsteered per-token log-likelihood) of base, v, 2v, and the seeds'
+    v + v_perp, perp-only and norm-matched conditions (mean over seeds of each condition's prompt-level mean)."""
+    families = {"base": ["base"], "v": [f"{trait}/v"], "2v": [f"{trait}/2v"],
+                "v+perp": [f"{trait}/v+perp{s}" for s in range(seeds)],
+                "matched": [f"{trait}/v+perp{s}/matched" for s in range(seeds)],
+                "perp": [f"{trait}/perp{s}" for s in range(seeds)]}
+    out = {}
+    for name, keys in families.items():
+        if not all(k in store for k in keys):
+            continue
+        summaries = [behaviour.fluency_summary(store[k], clusters) for k in keys]
+        out[name] = {m: (None if any(x[m] is None for x in summaries) else float(np.mean([x[m]["mean"]
+                                                                                          for x in summaries])))
+                     for m in ("repetition", "unsteered_loglik")}
     return out
 
 
 def holm_within_table(traits: dict) -> None:
-    """Holm-adjust, across the table's traits, each family of prompt-level p-values (in place: `p_holm`)."""
-    for name, key in (("v_minus_base", "p"), ("pooled_v_plus_perp_minus_v", "p"), ("pooled_v_plus_perp_minus_v",
-                                                                                   "tost_p"),
-                      ("pooled_matched_minus_v", "p"), ("pooled_matched_minus_v", "tost_p")):
-        entries = [t["prompt_level"][name] for t in traits.values()
-                   if name in t["prompt_level"] and t["prompt_level"][name].get(key) is not None]
-        if entries:
-            for entry, adjusted in zip(entries, clustered.holm([e[key] for e in entries])):
-                entry[f"{key}_holm"] = float(adjusted)
+    """Holm-adjust, across the table's traits, each family of prompt-level p-values (in place: `p_holm`,
+    `tost_p_holm`), separately for the primary and the second probe."""
+    for level in ("prompt_level", "second_probe"):
+        tables = [t[level] for t in traits.values() if t.get(level)]
+        for name, key in (("v_minus_base", "p"), ("pooled_v_plus_perp_minus_v", "p"),
+                          ("pooled_v_plus_perp_minus_v", "tost_p"), ("pooled_matched_minus_v", "p"),
+                          ("pooled_matched_minus_v", "tost_p")):
+            behaviour.holm_entries([t.get(name) for t in tables], key)
 
 
 def analyse_trait(store, protocol, trait, seeds, seed_counts) -> dict:
@@ -165,18 +170,21 @@ def run(args) -> dict:
     plan = behaviour.GenerationPlan(tuple(prompts), args.samples, args.max_new_tokens, args.temperature)
     vectors = behaviour.trait_vectors(lm, args.traits, read_layer)
     conditions, perps = build_conditions(protocol, vectors, steer_layer, args.alpha, args.seeds, args.seed)
+    probes = behaviour.study_probes(args.probe, data.TRAITS, lm, second=not args.no_second_probe,
+                                    skips=("perp", "2v"))      # controls outside the prompt-level tables
     settings = {"model": lm.source, "protocol": protocol.name, "read_layer": read_layer, "steer_layer": steer_layer,
                 "positions": protocol.positions, "traits": args.traits, "alpha": args.alpha, "seeds": args.seeds,
                 "seed": args.seed, "plan": plan.__dict__, "probe": args.probe, "quick": args.quick,
-                "margin_fraction": args.margin_fraction}
+                "margin_fraction": args.margin_fraction,
+                "second_probe": probes.second_kind}
     out_dir = Path(args.out)
     meta = io.run_metadata(lm, seeds={"seed": args.seed, "seeds": args.seeds})
     store = io.UnitStore(out_dir / "orthogonal_units.json", settings, fresh=args.fresh, meta=meta)
     if store.resumed:
         print(f"resuming: {store.resumed} of {len(conditions)} conditions already done in {store.path}",
               file=sys.stderr)
-    probes = behaviour.make_probes(args.probe, data.TRAITS, lm)
     behaviour.run_conditions(lm, plan, conditions, store, probes, protocol, args.seed, desc="orthogonal conditions")
+    clusters = behaviour.row_clusters(plan)
 
     result = {"model": lm.source, "model_name": Path(lm.source).name, "settings": settings,
               "protocol": {**protocol.__dict__}, "n_rows_per_condition": plan.n_rows, "seed_counts": args.seed_counts,
@@ -184,8 +192,11 @@ def run(args) -> dict:
                               "max_abs_cos_perp": float(np.max(np.abs(perps[t] @ v)) / np.linalg.norm(v) ** 2)}
                           for t, v in vectors.items()},
               "traits": {t: {**analyse_trait(store, protocol, t, args.seeds, args.seed_counts),
-                             "prompt_level": prompt_level(store, protocol, t, args.seeds, behaviour.row_clusters(plan),
-                                                          args.margin_fraction)} for t in args.traits},
+                             "prompt_level": prompt_level(store, protocol, t, args.seeds, clusters,
+                                                          args.margin_fraction),
+                             "second_probe": prompt_level(store, protocol, t, args.seeds, clusters,
+                                                          args.margin_fraction, probes.second_kind),
+                             "fluency": fluency_by_family(store, t, args.seeds, clusters)} for t in args.traits},
               "seconds_generation": sum(store[k]["seconds"] for k in conditions), "meta": meta}
     holm_within_table(result["traits"])
     result["seconds_total"] = time.time() - t0
@@ -280,25 +291,35 @@ def print_table(result: dict) -> None:
 
 
 def print_prompt_level(result: dict) -> None:
-    """The prompt-level table (issue 22): per trait, v's effect over base, pooled v + v_perp (and norm-matched)
-    minus v with cluster 95% intervals, TOST at the effect-tied margin with its power, Holm-adjusted p, tau^2."""
-    print(f"\nprompt level ({result['settings']['plan']['samples_per_prompt']} samples per prompt averaged; cluster "
-          f"bootstrap 95% CI; TOST margin {result['settings']['margin_fraction']:g} x effect of v; Holm over traits):")
-    for trait, r in result["traits"].items():
-        pl = r["prompt_level"]
-        e = pl["v_minus_base"]
-        print(f"  {trait:<11} v - base {e['mean']:+.3f} [{e['ci_low']:+.3f}, {e['ci_high']:+.3f}] "
-              f"p_holm={cli.fmt(e.get('p_holm'), '.3f')}  ICC(v) {pl['clustering_v']['icc']:.2f}")
-        for name in ("pooled_v_plus_perp_minus_v", "pooled_matched_minus_v"):
-            if name not in pl:
+    """The prompt-level table (issue 22): per trait and probe, v's effect over base, pooled v + v_perp (and
+    norm-matched) minus v with cluster 95% intervals, TOST at the effect-tied margin with its power, Holm-adjusted
+    p, tau^2; then the fluency of each family of conditions."""
+    s = result["settings"]
+    print(f"\nprompt level ({s['plan']['samples_per_prompt']} samples per prompt averaged; cluster bootstrap 95% CI; "
+          f"TOST margin {s['margin_fraction']:g} x effect of v; Holm over traits):")
+    for level, probe in (("prompt_level", s["probe"]), ("second_probe", s.get("second_probe"))):
+        for trait, r in result["traits"].items():
+            pl = r.get(level)
+            if not pl:
                 continue
-            c = pl[name]
-            het = pl.get(f"heterogeneity_{name.replace('pooled_', '')}")
-            print(f"  {'':<11} {name.replace('pooled_', '').replace('_minus_v', ''):<14} - v {c['mean']:+.3f} "
-                  f"[{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] p_holm={cli.fmt(c.get('p_holm'), '.3f')}  TOST "
-                  f"p_holm={cli.fmt(c.get('tost_p_holm'), '.3f')} (power {cli.fmt(c.get('tost_power'), '.2f')}, "
-                  f"{cli.fmt(c.get('prompts_for_80_power'), '')} prompts for 80%)"
-                  + ("" if het is None else f"  tau^2 {het['tau2']:.2e} (Q p={het['p']:.3f})"))
+            e = pl["v_minus_base"]
+            print(f"  {probe:<8} {trait:<11} v - base {e['mean']:+.3f} [{e['ci_low']:+.3f}, {e['ci_high']:+.3f}] "
+                  f"p_holm={cli.fmt(e.get('p_holm'), '.3f')}  ICC(v) {pl['clustering_v']['icc']:.2f}")
+            for name in ("v_plus_perp", "matched"):
+                if f"pooled_{name}_minus_v" not in pl:
+                    continue
+                c, het = pl[f"pooled_{name}_minus_v"], pl.get(f"heterogeneity_{name}_minus_v")
+                print(f"  {'':<20} {name:<12} - v {c['mean']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] "
+                      f"p_holm={cli.fmt(c.get('p_holm'), '.3f')}  TOST p_holm={cli.fmt(c.get('tost_p_holm'), '.3f')} "
+                      f"(power {cli.fmt(c.get('tost_power'), '.2f')}, "
+                      f"{cli.fmt(c.get('prompts_for_80_power'), '')} prompts for 80%)"
+                      + ("" if het is None else f"  tau^2 {het['tau2']:.2e} (Q p={het['p']:.3f})"))
+    print("\nfluency (prompt-level means; repetition = 1 - distinct 3-grams / 3-grams; log-lik = unsteered model's "
+          "nats per token):")
+    for trait, r in result["traits"].items():
+        cells = [f"{name} {cli.fmt(f['repetition'], '.3f')} / {cli.fmt(f['unsteered_loglik'], '.2f')}"
+                 for name, f in r["fluency"].items()]
+        print(f"  {trait:<11} " + "  ".join(cells))
 
 
 def main(argv=None) -> int:

@@ -125,15 +125,47 @@ def score_rows(probe, row_prompts: Sequence[str], texts: Sequence[str]) -> dict[
             "with_prompt": probe.score([p + t for p, t in zip(row_prompts, texts)]).tolist()}
 
 
-def run_conditions(lm, plan: GenerationPlan, conditions: Mapping[str, tuple], store: UnitStore, probes: Mapping,
+@dataclasses.dataclass(frozen=True)
+class StudyProbes:
+    """The probes a study scores with. Every condition is scored by every `primary` probe (trait -> Probe) on the
+    generated text and on prompt + generated text; the `second` kind's probes (trait -> Probe, e.g. the model's
+    own log-prob probe next to the lexical one) score the generated text of the traits a condition steers (its
+    key's first "/" field, or the environment's second) and every trait for a condition that names no trait
+    (base)."""
+
+    primary: Mapping
+    second: Mapping = dataclasses.field(default_factory=dict)
+    second_kind: str | None = None
+    second_skips: tuple[str, ...] = ()
+
+    def second_traits(self, key: str) -> list[str]:
+        """The traits the second probe scores in condition `key` (none when the key's last field, seed digits
+        removed, is one of `second_skips`, e.g. "perp" for the perp-only controls)."""
+        if key.rsplit("/", 1)[-1].rstrip("0123456789") in self.second_skips:
+            return []
+        named = [t for t in key.split("/") if t in self.second]
+        return named[:1] if named else list(self.second)
+
+
+def study_probes(kind: str, traits: Sequence[str], lm, second: bool = True, skips: Sequence[str] = ()) -> StudyProbes:
+    """The primary `kind` ("lexical" or "model") for `traits`, and the other of the two as the second probe
+    (not run on conditions whose last key field is in `skips`)."""
+    other = "model" if kind == "lexical" else "lexical"
+    return StudyProbes(make_probes(kind, traits, lm), make_probes(other, traits, lm) if second else {},
+                       other if second else None, tuple(skips))
+
+
+def run_conditions(lm, plan: GenerationPlan, conditions: Mapping[str, tuple], store: UnitStore, probes,
                    protocol: StudyProtocol, base_seed: int, desc: str = "conditions") -> None:
     """Generate and score every condition not yet in `store`, saving after each.
 
-    conditions: key -> (layer or None, vector (d,) or None, alpha); probes: trait -> Probe (every
-    condition is scored by every probe). Each stored unit: texts, scores {trait: {"generated",
-    "with_prompt"}}, fluency {"repetition", "unsteered_loglik"} (`fluency`), seed, seconds."""
+    conditions: key -> (layer or None, vector (d,) or None, alpha); probes: a StudyProbes, or trait -> Probe
+    (primary only). Each stored unit: texts, scores {trait: {"generated", "with_prompt"}}, second_scores
+    {kind: {trait: generated-text scores}} (`StudyProbes.second_traits`), fluency {"repetition",
+    "unsteered_loglik"} (`fluency`), seed, seconds."""
     from tqdm import tqdm
 
+    probes = probes if isinstance(probes, StudyProbes) else StudyProbes(probes)
     todo = [k for k in conditions if k not in store]
     if not todo:
         return
@@ -145,16 +177,45 @@ def run_conditions(lm, plan: GenerationPlan, conditions: Mapping[str, tuple], st
         seed = condition_seed(protocol, base_seed, key)
         t0 = time.time()
         texts, out = generate_condition(lm, plan, batch, layer, vector, alpha, protocol.positions, seed)
-        scores = {trait: score_rows(probe, rows, texts) for trait, probe in probes.items()}
-        store.put(key, {"texts": texts, "scores": scores, "fluency": fluency(lm, out), "seed": seed,
-                        "seconds": time.time() - t0})
+        unit = {"texts": texts, "scores": {trait: score_rows(probe, rows, texts)
+                                           for trait, probe in probes.primary.items()}}
+        if probes.second and probes.second_traits(key):
+            unit["second_scores"] = {probes.second_kind: {t: probes.second[t].score(list(texts)).tolist()
+                                                          for t in probes.second_traits(key)}}
+        unit.update(fluency=fluency(lm, out), seed=seed, seconds=time.time() - t0)
+        store.put(key, unit)
         bar.update(1)
     bar.close()
 
 
-def scores_of(unit: Mapping, protocol: StudyProtocol, trait: str) -> np.ndarray:
-    """The protocol's `trait` scores of a stored unit (prompt + generated text for the paper protocol)."""
+def scores_of(unit: Mapping, protocol: StudyProtocol, trait: str, kind: str | None = None) -> np.ndarray:
+    """The protocol's `trait` scores of a stored unit (prompt + generated text for the paper protocol); with
+    `kind`, the second probe's scores of the generated text."""
+    if kind is not None:
+        return np.asarray(unit["second_scores"][kind][trait], np.float64)
     return np.asarray(unit["scores"][trait]["with_prompt" if protocol.score_prompt else "generated"], np.float64)
+
+
+def has_second_scores(unit: Mapping, kind: str | None, trait: str) -> bool:
+    """Whether a stored unit holds the second probe `kind`'s scores of `trait`."""
+    return kind is not None and trait in unit.get("second_scores", {}).get(kind, {})
+
+
+def fluency_summary(unit: Mapping, clusters) -> dict:
+    """Prompt-level means of a condition's fluency measures, each with a cluster-bootstrap 95% interval:
+    repetition rate (distinct 3-grams) and the unsteered model's per-token log-likelihood (nats). Rows with no
+    value (too short) are left out of their prompt's mean."""
+    out = {}
+    for name in ("repetition", "unsteered_loglik"):
+        values = np.array([np.nan if x is None else x for x in unit["fluency"][name]], np.float64)
+        keep = np.isfinite(values)
+        means = clustered.cluster_means(values[keep], np.asarray(clusters)[keep]) if keep.any() else values[:0]
+        if means.size < 2:
+            out[name] = None
+            continue
+        ci = clustered.cluster_bootstrap_ci(means, np.arange(means.size))
+        out[name] = {"mean": float(means.mean()), "ci_low": ci.low, "ci_high": ci.high}
+    return out
 
 
 # ----------------------------------------------------------------------------- comparisons
@@ -208,7 +269,38 @@ def prompt_comparison(a, b, clusters, steering_effect: float | None = None, marg
                    tost_p=None if tost is None else tost.p, equivalent=None if tost is None else tost.equivalent,
                    tost_power=clustered.tost_power(diffs.size, sd, margin) if sd > 0 else None,
                    prompts_for_80_power=needed)
+    if sd > 0 and diffs.size >= 2:                # what this design can show equivalence to, at 80% power
+        out["margin_for_80_power"] = clustered.margin_for_power(diffs.size, sd)
     return out
+
+
+def perturbation_comparison(base, v, families: Mapping[str, np.ndarray], clusters,
+                            margin_fraction: float = 0.2) -> dict:
+    """The prompt-level table entry of one steering vector: v - base (the steering effect), and for each family
+    of perturbed conditions (name -> (seeds, rows) scores, e.g. "v_plus_perp", "matched") each seed's difference
+    from v, the seeds pooled per row minus v (TOST at margin_fraction x the effect, with its power), and the
+    seeds' heterogeneity (DerSimonian-Laird tau^2 and Cochran's Q, `clustered.heterogeneity`)."""
+    effect = prompt_comparison(v, base, clusters)
+    out = {"v_minus_base": effect}
+    for name, family in families.items():
+        family = np.atleast_2d(np.asarray(family, np.float64))
+        per_seed = [prompt_comparison(rows, v, clusters, effect["mean"], margin_fraction) for rows in family]
+        out[f"per_seed_{name}_minus_v"] = per_seed
+        out[f"pooled_{name}_minus_v"] = prompt_comparison(family.mean(axis=0), v, clusters, effect["mean"],
+                                                          margin_fraction)
+        if len(per_seed) >= 2 and all(r["sd_prompt"] > 0 for r in per_seed):
+            variances = [r["sd_prompt"] ** 2 / r["n_prompts"] for r in per_seed]
+            out[f"heterogeneity_{name}_minus_v"] = clustered.heterogeneity([r["mean"] for r in per_seed],
+                                                                           variances).to_dict()
+    return out
+
+
+def holm_entries(entries: Sequence[Mapping], key: str) -> None:
+    """Holm-adjust `key` ("p" or "tost_p") across a table's entries (dicts) that have it: sets `key`_holm."""
+    entries = [e for e in entries if e is not None and e.get(key) is not None]
+    if entries:
+        for entry, adjusted in zip(entries, clustered.holm([e[key] for e in entries])):
+            entry[f"{key}_holm"] = float(adjusted)
 
 
 def clustering(scores, clusters) -> dict:

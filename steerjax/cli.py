@@ -115,7 +115,11 @@ def add_study_arguments(p, *, n_prompts: int, samples: int, max_new_tokens: int,
                    help=f"tokens generated per sample (default {max_new_tokens})")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default 0.8, > 0)")
     p.add_argument("--probe", choices=("lexical", "model"), default="lexical",
-                   help="trait scorer: lexical heuristic (default, as the paper) or the model's own log-prob probe")
+                   help="trait scorer of the tables: lexical heuristic (default, as the paper) or the model's own "
+                        "log-prob probe; the other one scores the generated text too and is reported next to it")
+    p.add_argument("--no-second-probe", action="store_true",
+                   help="score with the --probe kind only (the second probe's forward passes cost about as much "
+                        "as generation)")
     p.add_argument("--read-layer", type=int, default=None, help="extraction layer (default L // 2)")
     p.add_argument("--seed", type=int, default=0, help="base random seed (directions and sampling)")
     p.add_argument("--fresh", action="store_true", help="discard finished units in --out instead of resuming")

@@ -198,6 +198,22 @@ def tost_power(n: int, sd: float, margin: float, true_difference: float = 0.0, a
     return float(min(max(value, 0.0), 1.0))
 
 
+def margin_for_power(n: int, sd: float, power: float = 0.8, alpha: float = 0.05) -> float:
+    """The smallest equivalence margin that `tost_paired` on n units with difference SD `sd` confirms with
+    probability `power` when the true difference is 0 (the inverse of `tost_power` in the margin): what a design
+    of n units can show equivalence to."""
+    n = check_int(n, "n (units)", low=2)
+    check_positive_number(sd, "sd")
+    check_fraction(power, "power")
+    lo, hi = 0.0, (st.t.ppf(1 - alpha, n - 1) + st.norm.ppf((1 + power) / 2)) * sd / np.sqrt(n)
+    while tost_power(n, sd, hi, alpha=alpha) < power:
+        lo, hi = hi, 2 * hi
+    for _ in range(60):                                   # bisection to ~1e-15 of the bracket
+        mid = 0.5 * (lo + hi)
+        lo, hi = (lo, mid) if tost_power(n, sd, mid, alpha=alpha) >= power else (mid, hi)
+    return float(hi)
+
+
 def units_for_power(sd: float, margin: float, power: float = 0.8, true_difference: float = 0.0,
                     alpha: float = 0.05, max_units: int = 100_000) -> int:
     """The smallest number of units at which `tost_power` reaches `power`."""

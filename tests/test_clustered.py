@@ -87,6 +87,12 @@ def test_tost_power_against_simulation():
     n80 = clustered.units_for_power(1.0, 0.3)
     assert clustered.tost_power(n80, 1.0, 0.3) >= 0.8 > clustered.tost_power(n80 - 1, 1.0, 0.3)
     assert clustered.effect_margin(-0.5) == pytest.approx(0.1)
+    # the inverse in the margin: a simulated TOST at the returned margin holds 80% power at a true difference of 0
+    margin = clustered.margin_for_power(40, 0.7)
+    assert clustered.tost_power(40, 0.7, margin) == pytest.approx(0.8, abs=1e-6)
+    d = rng.normal(0.0, 0.7, size=(20000, 40))
+    half = st.t.ppf(0.95, 39) * d.std(axis=1, ddof=1) / np.sqrt(40)
+    assert np.mean(np.abs(d.mean(axis=1)) + half < margin) == pytest.approx(0.8, abs=0.012)
 
 
 def test_heterogeneity_matches_statsmodels_dl():
