@@ -40,7 +40,7 @@ from scipy import stats as st
 
 import steerjax as sj
 from steerjax import behaviour, clustered, data, identifiability, io, plotting, sequence, spectrum, stats, studies
-from steerjax.cli import ArgumentParser, check_trait, fmt, parse_floats, run_cli, run_or_report, wrote
+from steerjax.cli import ArgumentParser, check_trait, fmt, fmt_ci, parse_floats, run_cli, run_or_report, wrote
 from steerjax.extraction import extract_vector
 
 FAMILIES = ("null", "random", "visible")
@@ -303,12 +303,6 @@ def csv_rows(result: dict) -> list[dict]:
     return rows
 
 
-def span(x: dict | None, spec: str) -> str:
-    if x is None:
-        return "-"
-    return f"{x['mean']:{spec}} [{x['ci_low']:{spec}}, {x['ci_high']:{spec}}]"
-
-
 def markdown(result: dict) -> str:
     """docs/identifiability.md's generation table, from a result file."""
     s = result["settings"]
@@ -318,7 +312,7 @@ def markdown(result: dict) -> str:
              f"{s['n_heldout']} held-out prompts x {s['samples']} samples x {s['max_new_tokens']} tokens; means over "
              "prompts [95% t-interval over prompts]; KL per token = exact KL(p_v || p_condition) along the v-steered "
              f"samples; the {s['trait']} probe's score minus v's, and that difference over v's steering effect "
-             f"(score(v) - score(base) = {span(effect, '.3f')}; the ratio is shown only when this interval excludes "
+             f"(score(v) - score(base) = {fmt_ci(effect, '.3f')}; the ratio is shown only when this interval excludes "
              "zero)*", "",
              "| condition | norm / norm(v) | KL per token (nats) | score - score(v) | / effect of v | p (Holm) | "
              f"TOST p at {s['margin_fraction']:g} x effect (power) | prompts for 80% power |",
@@ -328,8 +322,8 @@ def markdown(result: dict) -> str:
             continue
         t = r["score_tests"]
         tost = f"{t['tost_p']:.3f} ({t['tost_power']:.2f})" if "tost_p" in t else "-"
-        lines.append(f"| {r['condition']} | {r['norm_over_v']:.3f} | {span(r['kl_per_token'], '.4f')} | "
-                     f"{span(r['score_minus_v'], '.3f')} | {fmt(r['score_minus_v_over_effect'], '.2f')} | "
+        lines.append(f"| {r['condition']} | {r['norm_over_v']:.3f} | {fmt_ci(r['kl_per_token'], '.4f')} | "
+                     f"{fmt_ci(r['score_minus_v'], '.3f')} | {fmt(r['score_minus_v_over_effect'], '.2f')} | "
                      f"{t['p_holm']:.3f} | {tost} | {fmt(t.get('prompts_for_80_power'), '')} |")
     return "\n".join(lines)
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 import steerjax as sj
-from steerjax import behaviour, cli, clustered, data, io, stats, studies
+from steerjax import behaviour, cli, data, io, stats, studies
 
 
 def parse_args(argv):
@@ -112,15 +112,8 @@ def fluency_by_family(store, trait, seeds, clusters) -> dict:
                 "v+perp": [f"{trait}/v+perp{s}" for s in range(seeds)],
                 "matched": [f"{trait}/v+perp{s}/matched" for s in range(seeds)],
                 "perp": [f"{trait}/perp{s}" for s in range(seeds)]}
-    out = {}
-    for name, keys in families.items():
-        if not all(k in store for k in keys):
-            continue
-        summaries = [behaviour.fluency_summary(store[k], clusters) for k in keys]
-        out[name] = {m: (None if any(x[m] is None for x in summaries) else float(np.mean([x[m]["mean"]
-                                                                                          for x in summaries])))
-                     for m in ("repetition", "unsteered_loglik")}
-    return out
+    return {name: behaviour.mean_fluency([store[k] for k in keys], clusters)
+            for name, keys in families.items() if all(k in store for k in keys)}
 
 
 def holm_within_table(traits: dict) -> None:

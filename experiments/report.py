@@ -1,14 +1,19 @@
-"""Markdown tables (the paper's Table 1, Figure 3 numbers, Tables 2 and 3) from finished study folders.
+"""Markdown tables (the paper's Table 1, Figure 3 numbers, Tables 2 and 3, and the prompt-level tables with their
+findings) from finished study folders.
 
-    python experiments/report.py results/orthogonal_corrected results/scale_invariance_corrected ...
+    python experiments/report.py docs/results/orthogonal_corrected docs/results/scale_invariance_corrected ...
+    python experiments/report.py --update docs/results.md README.md
 
 Each folder must hold the summary JSON of orthogonal.py, scale_invariance.py, environments.py or
-logit_equivalence.py; the kind is recognised from the file name. Prints Markdown to stdout (used to write
-docs/results.md).
+logit_equivalence.py; the kind is recognised from the file name. Prints Markdown to stdout. With --update, every
+block of the given Markdown files between `<!-- report FOLDER -->` (or `<!-- report-summary FOLDER ... -->`) and
+`<!-- /report -->` is rewritten from the folders it names (paths relative to the repository root), so no number
+in them is typed by hand; tests/test_docs_tables.py checks that the committed pages are current.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -72,12 +77,18 @@ def environments_md(result: dict) -> str:
     lines = [f"*{result['model_name']}, {s['protocol']} protocol: read h{s['read_layer']}, steer h{s['steer_layer']}, "
              f"{result['n_rows_per_condition']} samples per condition, {s['max_new_tokens']} tokens, "
              f"{s['seeds']} seeds*", "",
-             "\\|d(v_e, v_e + v_perp)\\|, mean over seeds (in brackets: d(v_e, base), the steering effect itself)", "",
-             "| Trait | " + " | ".join(envs) + " |", "|---|" + "---|" * len(envs)]
+             "\\|d(v, v + v_perp)\\| (row level, the paper's statistic), mean over seeds (in brackets: d(v, base), "
+             "the steering effect itself); v_e = the vector extracted in the environment, v = the shipped one", "",
+             "| Trait | Vector | " + " | ".join(envs) + " |", "|---|---|" + "---|" * len(envs)]
+    labels = list(dict.fromkeys((r.get("vector", s.get("vector")), r.get("label", "v_e" if s.get("vector") ==
+                                                                            "environment" else "v"))
+                                for r in result["rows"]))
     for t in s["traits"]:
-        cells = [next(r for r in result["rows"] if r["environment"] == e and r["trait"] == t) for e in envs]
-        lines.append(f"| {t} | " + " | ".join(f"{cli.fmt(c['abs_d_mean'], '.2f')} ({cli.fmt(c['d_base_vs_v'], '+.2f')})"
-                                              for c in cells) + " |")
+        for kind, label in labels:
+            cells = [next(r for r in result["rows"] if r["environment"] == e and r["trait"] == t
+                          and r.get("vector", kind) == kind) for e in envs]
+            lines.append(f"| {t} | {label} | " + " | ".join(
+                f"{cli.fmt(c['abs_d_mean'], '.2f')} ({cli.fmt(c['d_base_vs_v'], '+.2f')})" for c in cells) + " |")
     g = result["geometry"]
     lines += ["", f"Exact Jacobian null spaces at h{g['layer']} ({g['prompts_per_environment']} prompts per "
                   "environment): null dimension at eps = 1e-2 / 1e-3 (per prompt, mean; stacked)", "",
@@ -130,22 +141,245 @@ def logit_equivalence_md(result: dict) -> str:
     return "\n".join(lines)
 
 
-def folder_markdown(folder: Path) -> str:
-    for kind, fn in zip(KINDS, (orthogonal_md, scale_md, environments_md, logit_equivalence_md)):
-        result = io.read_json(folder / f"{kind}.json")
+# ----------------------------------------------------------------------------- prompt level (issue 22)
+
+def reading(c: dict) -> str:
+    """How an interval reads: "compatible with zero" when it includes zero, else its sign."""
+    if c["ci_low"] <= 0 <= c["ci_high"]:
+        return "compatible with zero"
+    return "above zero" if c["ci_low"] > 0 else "below zero"
+
+
+def tost_cells(c: dict, effect: float) -> list[str]:
+    """TOST Holm p at the effect-tied margin, its power, prompts for 80% power, and the smallest margin this design
+    confirms at 80% power (as a fraction of v's effect)."""
+    if c.get("tost_p") is None:
+        return ["-"] * 4
+    least = c.get("margin_for_80_power")
+    least_text = "-" if least is None else f"{least:.3f} ({least / abs(effect):.0%})"
+    return [f"{cli.fmt(c.get('tost_p_holm', c['tost_p']), '.3f')} (±{c['margin']:.3f})", f"{c['tost_power']:.2f}",
+            cli.fmt(c.get("prompts_for_80_power"), ""), least_text]
+
+
+def heterogeneity_cell(h: dict | None) -> str:
+    return "-" if h is None else f"{h['tau2']:.1e} ({h['p']:.2f})"
+
+
+FAMILY_LABELS = {"v_plus_perp": "v + v_perp (norm √2‖v‖)", "matched": "v + v_perp rescaled to ‖v‖"}
+PROMPT_HEADER = ["| Cell | Probe | v − base [95% CI] | Holm p | Comparison | − v [95% CI] | Holm p "
+                 "| TOST Holm p (±margin) | power | prompts for 80% | margin with 80% power (/ effect) "
+                 "| τ² across v_perp (Q p) |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+
+def prompt_rows(label: str, probe: str, pl: dict | None) -> list[str]:
+    """Rows of the prompt-level table for one cell (a trait, an alpha, an environment) and probe."""
+    if not pl:
+        return []
+    e = pl["v_minus_base"]
+    out = []
+    for family, name in FAMILY_LABELS.items():
+        c = pl.get(f"pooled_{family}_minus_v")
+        if c is None:
+            continue
+        het = pl.get(f"heterogeneity_{family}_minus_v")
+        out.append(" | ".join(["", label, probe, cli.fmt_ci(e, "+.3f"), cli.fmt(e.get("p_holm", e["p"]), ".3f"), name,
+                               cli.fmt_ci(c, "+.3f"), cli.fmt(c.get("p_holm", c["p"]), ".3f"),
+                               *tost_cells(c, e["mean"]), heterogeneity_cell(het), ""]).strip())
+    return out
+
+
+def fluency_cells(f: dict | None) -> str:
+    if not f:
+        return "-"
+    return f"{cli.fmt(f['repetition'], '.3f')} / {cli.fmt(f['unsteered_loglik'], '.2f')}"
+
+
+def finding(label: str, probe: str, pl: dict | None) -> str | None:
+    """One sentence per cell and probe, claiming no more than the table: v's effect and whether its interval
+    excludes zero; each perturbed family minus v and whether it is compatible with zero; whether equivalence at the
+    effect-tied margin is shown, with the power the design had."""
+    families = [f for f in FAMILY_LABELS if pl and f"pooled_{f}_minus_v" in pl]
+    if not families:
+        return None
+    e = pl["v_minus_base"]
+    parts = [f"{label}, {probe} probe: v − base = {cli.fmt_ci(e, '+.3f')} ({reading(e)})"]
+    for family in families:
+        c = pl[f"pooled_{family}_minus_v"]
+        text = f"{FAMILY_LABELS[family]} − v = {cli.fmt_ci(c, '+.3f')} ({reading(c)}"
+        if c.get("tost_p") is not None:
+            p = c.get("tost_p_holm", c["tost_p"])
+            text += (f"; equivalence within ±{c['margin']:.3f} {'shown' if p < 0.05 else 'not shown'}, "
+                     f"TOST Holm p = {p:.3f}, power {c['tost_power']:.2f}")
+        parts.append(text + ")")
+    if pl[f"pooled_{families[0]}_minus_v"].get("tost_p") is None:
+        parts.append("no equivalence test: v's effect is exactly zero here")
+    elif e["ci_low"] <= 0 <= e["ci_high"]:
+        parts.append("v's own effect is compatible with zero, so a margin tied to it says little")
+    return "; ".join(parts) + "."
+
+
+def orthogonal_prompt_md(result: dict) -> str:
+    s = result["settings"]
+    probes = [("prompt_level", s["probe"]), ("second_probe", s.get("second_probe"))]
+    n_prompts = result["n_rows_per_condition"] // s["plan"]["samples_per_prompt"]
+    lines = [f"Prompt level: the unit is the prompt ({n_prompts} "
+             f"prompts, {s['plan']['samples_per_prompt']} paired samples each, averaged); 95% cluster-bootstrap "
+             f"intervals; Holm over the table's traits; TOST margin {s['margin_fraction']:g} x (v − base) of the same "
+             f"probe; the v_perp seeds pooled per row ({s['seeds']} seeds)", "", *PROMPT_HEADER]
+    for level, probe in probes:
+        for trait, r in result["traits"].items():
+            lines += prompt_rows(trait, probe, r.get(level))
+    lines += ["", "Fluency, prompt-level means: repetition rate (1 − distinct 3-grams / 3-grams) / the unsteered "
+                  "model's log-likelihood per token (nats) of the continuation", "",
+              "| Trait | base | v | 2v | v + v_perp | v + v_perp rescaled | v_perp alone |",
+              "|---|---|---|---|---|---|---|"]
+    for trait, r in result["traits"].items():
+        f = r.get("fluency", {})
+        lines.append(f"| {trait} | " + " | ".join(fluency_cells(f.get(k)) for k in
+                                                    ("base", "v", "2v", "v+perp", "matched", "perp")) + " |")
+    sentences = [finding(trait, probe, r.get(level)) for level, probe in probes
+                 for trait, r in result["traits"].items()]
+    return "\n".join(lines + ["", "Findings (generated from the table):", ""]
+                     + [f"- {x}" for x in sentences if x])
+
+
+def scale_prompt_md(result: dict) -> str:
+    s = result["settings"]
+    rows = [r for r in result["rows"] if r.get("prompt_level")]
+    probes = [("prompt_level", s["probe"]), ("second_probe", s.get("second_probe"))]
+    lines = [f"Prompt level per alpha ({result['n_rows_per_condition'] // s['plan']['samples_per_prompt']} prompts x "
+             f"{s['plan']['samples_per_prompt']} paired samples; Holm over the table's alphas; TOST margin "
+             f"{s['margin_fraction']:g} x (v − base) at the same alpha)", "", *PROMPT_HEADER]
+    for level, probe in probes:
+        for r in rows:
+            lines += prompt_rows(f"{r['trait']}, alpha {r['alpha']:g}", probe, r.get(level))
+    lines += ["", "Fluency (repetition rate / unsteered log-likelihood per token)", "",
+              "| Trait | alpha | v (alpha 0: base) | v + v_perp |", "|---|---|---|---|"]
+    for r in result["rows"]:
+        f = r.get("fluency", {})
+        lines.append(f"| {r['trait']} | {r['alpha']:g} | {fluency_cells(f.get('v'))} | "
+                     f"{fluency_cells(f.get('v+perp'))} |")
+    sentences = [finding(f"{r['trait']} at alpha {r['alpha']:g}", probe, r.get(level)) for level, probe in probes
+                 for r in rows]
+    return "\n".join(lines + ["", "Findings (generated from the table):", ""] + [f"- {x}" for x in sentences if x])
+
+
+def environments_prompt_md(result: dict) -> str:
+    s = result["settings"]
+    probes = [("prompt_level", s["probe"]), ("second_probe", s.get("second_probe"))]
+    lines = [f"Prompt level per environment ({s['n_prompts']} prompts x {s['samples']} paired samples; Holm over the "
+             f"table's environment x trait cells, per vector; TOST margin {s['margin_fraction']:g} x (v − base); "
+             "v_e = the vector extracted in the environment, v = the shipped one)", "", *PROMPT_HEADER]
+    for level, probe in probes:
+        for r in result["rows"]:
+            lines += prompt_rows(f"{r['trait']}, {r['environment']}, {r['label']}", probe, r.get(level))
+    lines += ["", "Fluency (repetition rate / unsteered log-likelihood per token)", "",
+              "| Trait | Environment | Vector | base | v | v + v_perp |", "|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        f = r.get("fluency", {})
+        lines.append(f"| {r['trait']} | {r['environment']} | {r['label']} | " + " | ".join(
+            fluency_cells(f.get(k)) for k in ("base", "v", "v+perp")) + " |")
+    sentences = [finding(f"{r['trait']} in {r['environment']} ({r['label']})", probe, r.get(level))
+                 for level, probe in probes for r in result["rows"]]
+    return "\n".join(lines + ["", "Findings (generated from the table):", ""] + [f"- {x}" for x in sentences if x])
+
+
+PROMPT_LEVEL = {"orthogonal": orthogonal_prompt_md, "scale_invariance": scale_prompt_md,
+                "environments": environments_prompt_md}
+
+
+def load_study(folder: Path) -> tuple[str, dict]:
+    """(kind, summary JSON) of a result folder."""
+    for kind in KINDS:
+        result = io.read_json(Path(folder) / f"{kind}.json")
         if result is not None:
-            return f"### {folder.name}\n\n" + fn(result)
+            return kind, result
     raise InputError(f"{folder} holds none of {', '.join(k + '.json' for k in KINDS)}")
+
+
+def study_markdown(folder: Path) -> str:
+    """Every table of one study folder: the paper-format tables, then the prompt-level ones where the run has them."""
+    kind, result = load_study(folder)
+    fn = dict(zip(KINDS, (orthogonal_md, scale_md, environments_md, logit_equivalence_md)))[kind]
+    parts = [fn(result)]
+    has_prompt_level = (any(r.get("prompt_level") for r in result.get("traits", {}).values())
+                        or any(r.get("prompt_level") for r in result.get("rows", [])))
+    if kind in PROMPT_LEVEL and has_prompt_level:
+        parts.append(PROMPT_LEVEL[kind](result))
+    return "\n\n".join(parts)
+
+
+def folder_markdown(folder: Path) -> str:
+    return f"### {Path(folder).name}\n\n" + study_markdown(folder)
+
+
+def summary_lines(folder: Path) -> list[str]:
+    """The headline findings of one study (primary probe, the paper's v + v_perp), for README."""
+    kind, result = load_study(folder)
+    probe = result["settings"]["probe"]
+    if kind == "orthogonal":
+        return [finding(f"Table 1, {t}", probe, r.get("prompt_level")) for t, r in result["traits"].items()]
+    if kind == "scale_invariance":
+        return [finding(f"Figure 3, {r['trait']} at alpha {r['alpha']:g}", probe, r.get("prompt_level"))
+                for r in result["rows"] if r.get("prompt_level")]
+    if kind == "environments":
+        out = []
+        for label in dict.fromkeys(r["label"] for r in result["rows"]):
+            cells = [r["prompt_level"] for r in result["rows"] if r["label"] == label and r.get("prompt_level")]
+            steer = sum(not (c["v_minus_base"]["ci_low"] <= 0 <= c["v_minus_base"]["ci_high"]) for c in cells)
+            pooled = [c["pooled_v_plus_perp_minus_v"] for c in cells]
+            differ = sum(not (c["ci_low"] <= 0 <= c["ci_high"]) for c in pooled)
+            tested = [c for c in pooled if c.get("tost_p") is not None]
+            shown = sum(c.get("tost_p_holm", c["tost_p"]) < 0.05 for c in tested)
+            power = sorted(c["tost_power"] for c in tested)
+            out.append(f"Table 2 ({label}, {probe} probe): of {len(cells)} environment x trait cells, v − base "
+                       f"excludes zero in {steer}; pooled v + v_perp − v excludes zero in {differ}; equivalence at "
+                       f"{result['settings']['margin_fraction']:.0%} of v's effect is shown in {shown} of "
+                       f"{len(tested)} tested (TOST power "
+                       + (f"{power[0]:.2f}-{power[-1]:.2f}" if power else "-") + ").")
+        return out
+    return []
+
+
+def render_block(directive: str, args: list[str], root: Path) -> str:
+    if directive == "report":
+        return "\n\n".join(study_markdown(root / a) for a in args)
+    return "\n".join(f"- {line}" for a in args for line in summary_lines(root / a) if line)
+
+
+BLOCK = re.compile(r"(<!-- (report|report-summary) ([^>]*?) -->\n)(.*?)(<!-- /report -->)", re.S)
+
+
+def update_text(text: str, root: Path) -> str:
+    """`text` with every report block regenerated from the folders it names (relative to `root`)."""
+    return BLOCK.sub(lambda m: m.group(1) + render_block(m.group(2), m.group(3).split(), root) + "\n" + m.group(5),
+                     text)
 
 
 def parse_args(argv):
     p = cli.ArgumentParser(description=__doc__)
-    p.add_argument("folders", nargs="+", type=Path, help="result folders of the study scripts")
-    return p.parse_args(argv)
+    p.add_argument("folders", nargs="*", type=Path, help="result folders of the study scripts")
+    p.add_argument("--update", nargs="+", type=Path, default=None, metavar="MARKDOWN",
+                   help="rewrite the report blocks of these Markdown files in place (folders relative to the "
+                        "repository root)")
+    args = p.parse_args(argv)
+    if not args.folders and not args.update:
+        p.error("give result folders, or --update with Markdown files")
+    return args
 
 
 def run(args) -> None:
-    print("\n\n".join(folder_markdown(f) for f in args.folders))
+    if args.folders:
+        print("\n\n".join(folder_markdown(f) for f in args.folders))
+    root = Path(__file__).resolve().parents[1]
+    for page in args.update or []:
+        text = page.read_text()
+        new = update_text(text, root)
+        if new != text:
+            page.write_text(new)
+        print(f"{page}: {len(BLOCK.findall(text))} report blocks {'rewritten' if new != text else 'already current'}",
+              file=sys.stderr)
 
 
 def main(argv=None) -> int:

@@ -24,14 +24,14 @@ from pathlib import Path
 import numpy as np
 
 import steerjax as sj
-from steerjax import behaviour, cli, clustered, data, io, stats, studies
+from steerjax import behaviour, cli, data, io, stats, studies
 
 
 def parse_args(argv):
     p = cli.ArgumentParser(description=__doc__)
-    cli.add_study_arguments(p, n_prompts=20, samples=5, max_new_tokens=40, traits="formality")
+    cli.add_study_arguments(p, n_prompts=100, samples=2, max_new_tokens=40, traits="formality")
     p.add_argument("--alphas", default="0,0.5,1,2", help="steering strengths (default 0,0.5,1,2)")
-    p.add_argument("--seeds", type=int, default=5, help="orthogonal directions v_perp per trait (default 5)")
+    p.add_argument("--seeds", type=int, default=4, help="orthogonal directions v_perp per trait (default 4)")
     p.add_argument("--quick", action="store_true", help="preset: 4 prompts x 2 samples, 16 tokens, 2 seeds (~2 min)")
     p.add_argument("--out", default=None, help="output folder (default results/scale_invariance_<protocol>)")
     args = p.parse_args(argv)
@@ -71,31 +71,27 @@ def prompt_means(scores: np.ndarray, n_prompts: int) -> np.ndarray:
     return np.asarray(scores, np.float64).reshape(-1, n_prompts, scores.shape[-1] // n_prompts).mean(axis=(0, 2))
 
 
-def prompt_level(base, v, perps, clusters, margin_fraction: float) -> dict:
-    """The prompt as the unit (issue 22) at one alpha: v - base, the seeds' v + v_perp pooled per row minus v with
-    a cluster-bootstrap CI and TOST at margin_fraction x (v - base) with its power, and the seeds' heterogeneity."""
-    effect = behaviour.prompt_comparison(v, base, clusters)
-    pooled = behaviour.prompt_comparison(perps.mean(axis=0), v, clusters, effect["mean"], margin_fraction)
-    per_seed = [behaviour.prompt_comparison(p, v, clusters) for p in perps]
-    out = {"v_minus_base": effect, "pooled_v_plus_perp_minus_v": pooled}
-    if len(per_seed) >= 2 and all(r["sd_prompt"] > 0 for r in per_seed):
-        variances = [r["sd_prompt"] ** 2 / r["n_prompts"] for r in per_seed]
-        out["heterogeneity"] = clustered.heterogeneity([r["mean"] for r in per_seed], variances).to_dict()
-    return out
-
-
 def holm_within_table(rows: list[dict]) -> None:
-    """Holm-adjust the table's prompt-level p-values of pooled v + v_perp minus v (and their TOST p) in place."""
-    for key in ("p", "tost_p"):
-        entries = [r["prompt_level"]["pooled_v_plus_perp_minus_v"] for r in rows if r["prompt_level"]
-                   and r["prompt_level"]["pooled_v_plus_perp_minus_v"].get(key) is not None]
-        if not entries:
-            continue
-        for entry, adjusted in zip(entries, clustered.holm([e[key] for e in entries])):
-            entry[f"{key}_holm"] = float(adjusted)
+    """Holm-adjust the table's prompt-level p-values (v - base, pooled v + v_perp minus v and its TOST p) across its
+    alphas in place, separately for the primary and the second probe."""
+    for level in ("prompt_level", "second_probe"):
+        tables = [r[level] for r in rows if r.get(level)]
+        behaviour.holm_entries([t["v_minus_base"] for t in tables], "p")
+        for key in ("p", "tost_p"):
+            behaviour.holm_entries([t["pooled_v_plus_perp_minus_v"] for t in tables], key)
 
 
-def analyse_trait(store, protocol, trait, alphas, seeds, n_prompts, clusters, margin_fraction) -> list[dict]:
+def second_probe_level(store, trait, alpha, seeds, clusters, margin_fraction, kind) -> dict | None:
+    """The prompt-level comparison under the second probe `kind` at one alpha; None if it did not score these."""
+    keys = ["base", f"{trait}/{alpha_key(alpha)}/v", *(f"{trait}/{alpha_key(alpha)}/v+perp{s}" for s in range(seeds))]
+    if not all(behaviour.has_second_scores(store[k], kind, trait) for k in keys):
+        return None
+    base, v, *perps = (behaviour.scores_of(store[k], None, trait, kind) for k in keys)
+    return behaviour.perturbation_comparison(base, v, {"v_plus_perp": perps}, clusters, margin_fraction)
+
+
+def analyse_trait(store, protocol, trait, alphas, seeds, n_prompts, clusters, margin_fraction,
+                  second_kind=None) -> list[dict]:
     score = lambda key: behaviour.scores_of(store[key], protocol, trait)
     rows = []
     for a in alphas:
@@ -116,10 +112,17 @@ def analyse_trait(store, protocol, trait, alphas, seeds, n_prompts, clusters, ma
             row.update({"d_mean": stat["mean"], "d_sd": stat["sd"], "tost_p": eq["tost_p"],
                         "equivalent_at_0.2sd": eq["equivalent"], "minimum_detectable_d": eq["minimum_detectable_d"],
                         "per_seed_d": ds, "per_seed_mean": perps.mean(axis=1).tolist(),
-                        "prompt_level": prompt_level(score("base"), v, perps, clusters, margin_fraction)})
+                        "prompt_level": behaviour.perturbation_comparison(score("base"), v, {"v_plus_perp": perps},
+                                                                          clusters, margin_fraction),
+                        "second_probe": second_probe_level(store, trait, a, seeds, clusters, margin_fraction,
+                                                           second_kind),
+                        "fluency": {"v": behaviour.mean_fluency([store[f"{trait}/{alpha_key(a)}/v"]], clusters),
+                                    "v+perp": behaviour.mean_fluency([store[f"{trait}/{alpha_key(a)}/v+perp{s}"]
+                                                                      for s in range(seeds)], clusters)}})
         else:
             row.update({"d_mean": None, "d_sd": None, "tost_p": None, "equivalent_at_0.2sd": None,
-                        "minimum_detectable_d": None, "per_seed_d": [], "per_seed_mean": [], "prompt_level": None})
+                        "minimum_detectable_d": None, "per_seed_d": [], "per_seed_mean": [], "prompt_level": None,
+                        "second_probe": None, "fluency": {"v": behaviour.mean_fluency([store["base"]], clusters)}})
         rows.append(row)
     return rows
 
@@ -135,21 +138,22 @@ def run(args) -> dict:
     perps = {t: [studies.orthogonal_to(v, np.random.default_rng([args.seed, data.TRAITS.index(t), s]))
                  for s in range(args.seeds)] for t, v in vectors.items()}
     conditions = build_conditions(vectors, perps, steer_layer, args.alphas)
+    probes = behaviour.study_probes(args.probe, data.TRAITS, lm, second=not args.no_second_probe)
     settings = {"model": lm.source, "protocol": protocol.name, "read_layer": read_layer, "steer_layer": steer_layer,
                 "positions": protocol.positions, "traits": args.traits, "alphas": args.alphas, "seeds": args.seeds,
                 "seed": args.seed, "plan": plan.__dict__, "probe": args.probe, "quick": args.quick,
-                "margin_fraction": args.margin_fraction}
+                "margin_fraction": args.margin_fraction, "second_probe": probes.second_kind}
     out_dir = Path(args.out)
     meta = io.run_metadata(lm, seeds={"seed": args.seed, "seeds": args.seeds})
     store = io.UnitStore(out_dir / "scale_invariance_units.json", settings, fresh=args.fresh, meta=meta)
     if store.resumed:
         print(f"resuming: {store.resumed} of {len(conditions)} conditions already done in {store.path}",
               file=sys.stderr)
-    probes = behaviour.make_probes(args.probe, data.TRAITS, lm)
     behaviour.run_conditions(lm, plan, conditions, store, probes, protocol, args.seed, desc="scale conditions")
 
     rows = [r for t in args.traits for r in analyse_trait(store, protocol, t, args.alphas, args.seeds, len(prompts),
-                                                           behaviour.row_clusters(plan), args.margin_fraction)]
+                                                           behaviour.row_clusters(plan), args.margin_fraction,
+                                                           probes.second_kind)]
     holm_within_table(rows)
     result = {"model": lm.source, "model_name": Path(lm.source).name, "settings": settings,
               "protocol": {**protocol.__dict__}, "n_rows_per_condition": plan.n_rows,
@@ -158,10 +162,12 @@ def run(args) -> dict:
               "seconds_generation": sum(store[k]["seconds"] for k in conditions), "meta": meta}
     result["seconds_total"] = time.time() - t0
     io.write_json_atomic(out_dir / "scale_invariance.json", result)
-    io.write_csv([{k: x for k, x in r.items() if not k.startswith("per_seed") and k != "prompt_level"} for r in rows],
+    io.write_csv([{k: x for k, x in r.items() if not k.startswith("per_seed")
+                   and k not in ("prompt_level", "second_probe", "fluency")} for r in rows],
                  out_dir / "scale_invariance.csv")
     plot_curves(result, out_dir / "figure3.png")
     print_table(result)
+    print_prompt_level(result)
     cli.wrote([out_dir / name for name in ("scale_invariance.json", "scale_invariance.csv", "figure3.png")], t0)
     return result
 
@@ -204,6 +210,31 @@ def print_table(result: dict) -> None:
               f"{r['mean_v_plus_perp']:>9.3f} [{r['ci_perp_low']:.3f}, {r['ci_perp_high']:.3f}] "
               f"{r['abs_mean_diff']:>7.3f} "
               f"{cli.fmt(r['d_mean'], '+.3f'):>8} +- {cli.fmt(r['d_sd'], '.3f'):<5} {cli.fmt(r['tost_p'], '.3f'):>7}")
+
+
+def print_prompt_level(result: dict) -> None:
+    """Per alpha and probe: v - base and the seeds' pooled v + v_perp minus v (cluster 95% CI), TOST p_holm at the
+    effect-tied margin with its power, tau^2 across seeds; fluency of v and v + v_perp."""
+    s = result["settings"]
+    print(f"\nprompt level (cluster bootstrap 95% CI; TOST margin {s['margin_fraction']:g} x effect of v; Holm over "
+          "the table):")
+    for level, probe in (("prompt_level", s["probe"]), ("second_probe", s.get("second_probe"))):
+        for r in result["rows"]:
+            pl = r.get(level)
+            if not pl:
+                continue
+            e, c = pl["v_minus_base"], pl["pooled_v_plus_perp_minus_v"]
+            het = pl.get("heterogeneity_v_plus_perp_minus_v")
+            print(f"  {probe:<8} {r['trait']:<11} alpha {r['alpha']:<4g} v - base {e['mean']:+.3f} "
+                  f"[{e['ci_low']:+.3f}, {e['ci_high']:+.3f}]  v+perp - v {c['mean']:+.3f} "
+                  f"[{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] TOST p_holm={cli.fmt(c.get('tost_p_holm'), '.3f')} "
+                  f"(power {cli.fmt(c.get('tost_power'), '.2f')})"
+                  + ("" if het is None else f"  tau^2 {het['tau2']:.2e} (Q p={het['p']:.3f})"))
+    print("fluency (repetition rate / unsteered log-lik per token):")
+    for r in result["rows"]:
+        print(f"  {r['trait']:<11} alpha {r['alpha']:<4g} " + "  ".join(
+            f"{name} {cli.fmt(f['repetition'], '.3f')} / {cli.fmt(f['unsteered_loglik'], '.2f')}"
+            for name, f in r["fluency"].items()))
 
 
 def main(argv=None) -> int:

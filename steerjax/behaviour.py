@@ -274,6 +274,14 @@ def prompt_comparison(a, b, clusters, steering_effect: float | None = None, marg
     return out
 
 
+def mean_fluency(units: Sequence[Mapping], clusters) -> dict:
+    """The mean over a family of conditions (e.g. the seeds' v + v_perp) of each one's prompt-level fluency
+    (`fluency_summary`): {"repetition", "unsteered_loglik"}, None where a condition has no value."""
+    summaries = [fluency_summary(u, clusters) for u in units]
+    return {m: None if any(x[m] is None for x in summaries) else float(np.mean([x[m]["mean"] for x in summaries]))
+            for m in ("repetition", "unsteered_loglik")}
+
+
 def perturbation_comparison(base, v, families: Mapping[str, np.ndarray], clusters,
                             margin_fraction: float = 0.2) -> dict:
     """The prompt-level table entry of one steering vector: v - base (the steering effect), and for each family

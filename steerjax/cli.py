@@ -171,6 +171,13 @@ def fmt_pm(mean, sd, spec: str, sep: str = " ± ") -> str:
     return f"{mean:{spec}}{sep}{sd:{spec}}" if sd is not None else f"{mean:{spec}}"
 
 
+def fmt_ci(x: dict | None, spec: str) -> str:
+    """The text "mean [ci_low, ci_high]" of a dict with those keys, each formatted with `spec`; "-" for None."""
+    if x is None:
+        return "-"
+    return f"{x['mean']:{spec}} [{x['ci_low']:{spec}}, {x['ci_high']:{spec}}]"
+
+
 def parse_floats(p, text: str, name: str) -> list[float]:
     """A comma list of finite numbers, or an argparse error naming the flag."""
     try:
