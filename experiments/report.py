@@ -6,9 +6,10 @@ findings) from finished study folders.
 
 Each folder must hold the summary JSON of orthogonal.py, scale_invariance.py, environments.py or
 logit_equivalence.py; the kind is recognised from the file name. Prints Markdown to stdout. With --update, every
-block of the given Markdown files between `<!-- report FOLDER -->` (or `<!-- report-summary FOLDER ... -->`) and
-`<!-- /report -->` is rewritten from the folders it names (paths relative to the repository root), so no number
-in them is typed by hand; tests/test_docs_tables.py checks that the committed pages are current.
+block of the given Markdown files that opens with `<!-- report FOLDER ... -->` (all tables),
+`<!-- report-summary FOLDER ... -->` (headline findings) or `<!-- report-design FOLDER ... -->` (design and power)
+and closes with `<!-- /report -->` is rewritten from the folders it names (paths relative to the repository root),
+so no number in them is typed by hand; tests/test_docs_tables.py checks that the committed pages are current.
 """
 
 from __future__ import annotations
@@ -333,8 +334,8 @@ def summary_lines(folder: Path) -> list[str]:
             tested = [c for c in pooled if c.get("tost_p") is not None]
             shown = sum(c.get("tost_p_holm", c["tost_p"]) < 0.05 for c in tested)
             power = sorted(c["tost_power"] for c in tested)
-            out.append(f"Table 2 ({label}, {probe} probe): of {len(cells)} environment x trait cells, v − base "
-                       f"excludes zero in {steer}; pooled v + v_perp − v excludes zero in {differ}; equivalence at "
+            out.append(f"Table 2 ({label}, {probe} probe, unadjusted 95% intervals): of {len(cells)} environment x "
+                       f"trait cells, v − base excludes zero in {steer}; pooled v + v_perp − v excludes zero in {differ}; equivalence at "
                        f"{result['settings']['margin_fraction']:.0%} of v's effect is shown in {shown} of "
                        f"{len(tested)} tested (TOST power "
                        + (f"{power[0]:.2f}-{power[-1]:.2f}" if power else "-") + ").")
@@ -342,13 +343,45 @@ def summary_lines(folder: Path) -> list[str]:
     return []
 
 
+def prompt_tables(kind: str, result: dict) -> list[dict]:
+    """Every prompt-level table (primary and second probe) of a study result."""
+    cells = result["traits"].values() if kind == "orthogonal" else result.get("rows", [])
+    return [c[level] for c in cells for level in ("prompt_level", "second_probe") if c.get(level)]
+
+
+def design_line(folder: Path) -> str:
+    """The design a study ran and the power it had: prompts x samples, seeds, conditions, run time, and for the
+    pooled v + v_perp comparisons the TOST power at the effect-tied margin, the prompts 80% power would need, and
+    the smallest margin this design confirms with 80% power (as a fraction of v's effect)."""
+    kind, result = load_study(folder)
+    s = result["settings"]
+    if kind == "environments":
+        prompts, samples = s["n_prompts"], s["samples"]
+        where = f"{len(s['environments'])} environments x "
+    else:
+        prompts, samples, where = len(s["plan"]["prompts"]), s["plan"]["samples_per_prompt"], ""
+    comparisons = [(t["pooled_v_plus_perp_minus_v"], t["v_minus_base"]["mean"]) for t in prompt_tables(kind, result)
+                   if t["pooled_v_plus_perp_minus_v"].get("tost_p") is not None]
+    span = lambda xs, spec: "-" if not xs else f"{min(xs):{spec}}-{max(xs):{spec}}"
+    power = [c["tost_power"] for c, _ in comparisons]
+    needed = [c["prompts_for_80_power"] for c, _ in comparisons if c.get("prompts_for_80_power")]
+    least = [c["margin_for_80_power"] / abs(e) for c, e in comparisons if c.get("margin_for_80_power") and e]
+    minutes = result.get("seconds_total", result.get("seconds_generation", 0)) / 60
+    return (f"`{kind}`: {where}{prompts} prompts x {samples} samples, {s['seeds']} v_perp seeds, "
+            f"{s.get('margin_fraction', 0.2):.0%} margin, {minutes:.0f} min on 2 cores. Pooled v + v_perp against v: "
+            f"TOST power {span(power, '.2f')}; prompts for 80% power {span(needed, '')}; smallest margin with 80% "
+            f"power {span(least, '.0%')} of v's effect.")
+
+
 def render_block(directive: str, args: list[str], root: Path) -> str:
     if directive == "report":
         return "\n\n".join(study_markdown(root / a) for a in args)
+    if directive == "report-design":
+        return "\n".join(f"- {design_line(root / a)}" for a in args)
     return "\n".join(f"- {line}" for a in args for line in summary_lines(root / a) if line)
 
 
-BLOCK = re.compile(r"(<!-- (report|report-summary) ([^>]*?) -->\n)(.*?)(<!-- /report -->)", re.S)
+BLOCK = re.compile(r"(<!-- (report|report-summary|report-design) ([^>]*?) -->\n)(.*?)(<!-- /report -->)", re.S)
 
 
 def update_text(text: str, root: Path) -> str:

@@ -7,6 +7,7 @@ import csv
 import json
 
 import numpy as np
+from scipy import stats as st
 import pytest
 
 import steerjax as sj
@@ -108,6 +109,42 @@ def test_repetition_rate():
     assert behaviour.repetition_rate([1, 2], n=3) is None
 
 
+def test_study_probes_route_the_second_probe_to_the_steered_trait():
+    study = behaviour.StudyProbes({}, {"formality": None, "humor": None}, "model", second_skips=("perp", "2v"))
+    assert study.second_traits("base") == ["formality", "humor"]               # no trait named: every trait
+    assert study.second_traits("humor/v+perp3") == ["humor"]
+    assert study.second_traits("in_distribution/formality/v_e") == ["formality"]
+    assert study.second_traits("humor/perp12") == [] and study.second_traits("formality/2v") == []
+
+
+def test_prompt_level_summaries_against_direct_computation():
+    rng = np.random.default_rng(7)
+    clusters = np.repeat(np.arange(12), 3)
+    base, v = rng.normal(0.4, 0.1, 36), rng.normal(0.5, 0.1, 36)
+    perps = rng.normal(0.5, 0.1, (4, 36))
+    out = behaviour.perturbation_comparison(base, v, {"v_plus_perp": perps}, clusters, margin_fraction=0.3)
+    per_prompt = lambda x: x.reshape(12, 3).mean(axis=1)
+    effect = per_prompt(v - base).mean()
+    assert out["v_minus_base"]["mean"] == pytest.approx(effect)
+    pooled = out["pooled_v_plus_perp_minus_v"]
+    diffs = per_prompt(perps.mean(axis=0) - v)
+    assert pooled["mean"] == pytest.approx(diffs.mean()) and pooled["margin"] == pytest.approx(0.3 * abs(effect))
+    assert pooled["p"] == pytest.approx(st.ttest_1samp(diffs, 0.0).pvalue)
+    assert [r["mean"] for r in out["per_seed_v_plus_perp_minus_v"]] == pytest.approx(
+        [per_prompt(p - v).mean() for p in perps])
+    assert out["heterogeneity_v_plus_perp_minus_v"]["k"] == 4
+    # Holm across entries, as clustered.holm; entries without the key are left alone
+    entries = [{"p": 0.01}, {"p": 0.04}, {"p": None}, {"p": 0.03}]
+    behaviour.holm_entries(entries, "p")
+    assert [e.get("p_holm") for e in entries] == pytest.approx([0.03, 0.06, None, 0.06])
+    # fluency: mean of per-prompt means, rows without a value left out of their prompt
+    unit = {"fluency": {"repetition": [0.0, None, 0.2, 0.4, 0.6, None], "unsteered_loglik": [None] * 6}}
+    summary = behaviour.fluency_summary(unit, np.repeat(np.arange(3), 2))
+    assert summary["repetition"]["mean"] == pytest.approx(np.mean([0.0, 0.3, 0.6]))
+    assert summary["repetition"]["ci_low"] <= summary["repetition"]["mean"] <= summary["repetition"]["ci_high"]
+    assert summary["unsteered_loglik"] is None
+
+
 # ----------------------------------------------------------------------------- generation on SmolLM2
 
 def test_run_conditions_pairs_sampling_and_matches_direct_generation(smollm2, tmp_path):
@@ -117,10 +154,17 @@ def test_run_conditions_pairs_sampling_and_matches_direct_generation(smollm2, tm
     v = np.random.default_rng(3).normal(size=lm.d) * 3.0
     conditions = {"base": (None, None, 0.0), "base_again": (None, None, 0.0), "v": (15, v, 2.0)}
     probes = behaviour.make_probes("lexical", ["formality", "humor"])
+    # a second probe kind (here the lexical probes again under another name: the routing is what is tested)
+    study = behaviour.StudyProbes(probes, behaviour.make_probes("lexical", ["formality", "humor"]), "other",
+                                  second_skips=("base_again",))
     units = {}
     for protocol in (CORRECTED, PAPER):
         store = io.UnitStore(tmp_path / f"{protocol.name}.json", {"p": protocol.name})
-        behaviour.run_conditions(lm, plan, conditions, store, probes, protocol, base_seed=11)
+        behaviour.run_conditions(lm, plan, conditions, store, study, protocol, base_seed=11)
+        assert "second_scores" not in store["base_again"]                        # skipped condition
+        np.testing.assert_array_equal(behaviour.scores_of(store["base"], protocol, "humor", "other"),
+                                      probes["humor"].score(store["base"]["texts"]))
+        assert behaviour.has_second_scores(store["v"], "other", "formality")
         units[protocol.name] = store
         unit = store["v"]
         assert len(unit["texts"]) == plan.n_rows and set(unit["scores"]) == {"formality", "humor"}

@@ -57,6 +57,12 @@ def test_orthogonal_cli(serve_smollm2, tmp_path, capsys):
     assert pl["pooled_v_plus_perp_minus_v"]["mean"] == pytest.approx(np.mean(pooled - v))
     assert pl["pooled_v_plus_perp_minus_v"]["n_prompts"] == 2 and "pooled_matched_minus_v" in pl
     assert "prompt level" in printed
+    # the second probe (the model's own) scores the conditions of the tables, not the perp-only / 2v controls
+    second = lambda key: np.array(units["units"][key]["second_scores"]["model"]["formality"])
+    assert r["second_probe"]["v_minus_base"]["mean"] == pytest.approx(np.mean(second("formality/v") - second("base")))
+    assert "second_scores" not in units["units"]["formality/perp0"] and "second_scores" not in units["units"][
+        "formality/2v"]
+    assert set(r["fluency"]) == {"base", "v", "2v", "v+perp", "matched", "perp"}
     ds = [s["d"] for s in r["per_seed"] if s["d"] is not None]
     assert r["table"][0]["n_seeds"] == 2 and (not ds or r["table"][0]["d_mean"] == pytest.approx(np.mean(ds)))
     assert len(units["units"]["base"]["texts"]) == 4
@@ -71,6 +77,11 @@ def test_orthogonal_cli(serve_smollm2, tmp_path, capsys):
     report = load_experiment("report")
     md = report.folder_markdown(out)
     assert "| formality | n=2 |" in md and f"{r['mean_v']:.3f}" in md
+    # --update rewrites report blocks from the folders they name, and a current page is left as it is
+    page = "text\n<!-- report orth -->\nstale\n<!-- /report -->\n<!-- report-summary orth -->\n<!-- /report -->\n"
+    new = report.update_text(page, tmp_path)
+    assert report.study_markdown(out) in new and "stale" not in new and "- Table 1, formality, lexical probe" in new
+    assert report.update_text(new, tmp_path) == new
 
     # resume: nothing is regenerated
     assert cli.main(argv) == 0
@@ -104,7 +115,7 @@ def test_orthogonal_cli_rejects_bad_flags(argv, message, capsys):
 def test_scale_invariance_cli(serve_smollm2, tmp_path, capsys):
     cli = load_experiment("scale_invariance")
     out = tmp_path / "scale"
-    assert cli.main(["--alphas", "0,2", "--seeds", "2", "--out", str(out), *TINY]) == 0
+    assert cli.main(["--alphas", "0,2", "--seeds", "2", "--no-second-probe", "--out", str(out), *TINY]) == 0
     assert "wrote" in capsys.readouterr().out
     result = json.loads((out / "scale_invariance.json").read_text())
     units = json.loads((out / "scale_invariance_units.json").read_text())
@@ -127,7 +138,9 @@ def test_scale_invariance_cli(serve_smollm2, tmp_path, capsys):
     assert pl["pooled_v_plus_perp_minus_v"]["mean"] == pytest.approx(np.mean((pooled_rows - v).reshape(2, 2)))
     base = scores(units, "base", "formality")
     assert pl["v_minus_base"]["mean"] == pytest.approx(np.mean(v - base))
-    assert zero["prompt_level"] is None
+    assert zero["prompt_level"] is None and two["second_probe"] is None           # --no-second-probe
+    assert result["settings"]["second_probe"] is None and "second_scores" not in units["units"]["base"]
+    assert two["fluency"]["v"]["repetition"] is not None
 
 
 @pytest.mark.slow  # two environments x generation + exact Jacobians + an independent SVD: minutes on 2 cores
@@ -135,13 +148,24 @@ def test_environments_cli(serve_smollm2, tmp_path, capsys, smollm2):
     cli = load_experiment("environments")
     out = tmp_path / "env"
     argv = ["--environments", "in_distribution,genre_shift", "--traits", "humor", "--seeds", "1",
-            "--geometry-prompts", "2", "--k-smallest", "8", "--vector", "environment", "--out", str(out), *TINY]
+            "--geometry-prompts", "2", "--k-smallest", "8", "--vector", "both", "--out", str(out), *TINY]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert "Table 2 format" in printed and "principal angles" in printed
     result = json.loads((out / "environments.json").read_text())
-    assert [r["environment"] for r in result["rows"]] == ["in_distribution", "genre_shift"]
-    assert result["settings"]["max_new_tokens"] == 4 and result["settings"]["vector"] == "environment"
+    assert [(r["environment"], r["label"]) for r in result["rows"]] == [
+        ("in_distribution", "v_e"), ("in_distribution", "v"), ("genre_shift", "v_e"), ("genre_shift", "v")]
+    assert result["settings"]["max_new_tokens"] == 4 and result["settings"]["vector"] == "both"
+    units = json.loads((out / "environments_units.json").read_text())
+    assert {"genre_shift/humor/v_e", "genre_shift/humor/v_e+perp0", "genre_shift/humor/v",
+            "genre_shift/humor/v+perp0", "genre_shift/base"} <= set(units["units"])
+    # the prompt level of each cell, recomputed from the stored rows (2 prompts x 2 samples)
+    row = result["rows"][2]
+    v, base = scores(units, "genre_shift/humor/v_e", "humor"), scores(units, "genre_shift/base", "humor")
+    assert row["prompt_level"]["v_minus_base"]["mean"] == pytest.approx(np.mean(v - base))
+    second = np.array(units["units"]["genre_shift/humor/v_e"]["second_scores"]["model"]["humor"])
+    assert row["second_probe"]["v_minus_base"]["mean"] == pytest.approx(
+        np.mean(second - np.array(units["units"]["genre_shift/base"]["second_scores"]["model"]["humor"])))
     # in-environment vectors are rescaled to the shipped vector's norm; the raw norms are kept
     from steerjax import behaviour
     shipped = np.linalg.norm(behaviour.trait_vectors(smollm2, ["humor"], 15)["humor"])
@@ -188,7 +212,7 @@ def sj_data_envs():
 def test_environments_cli_paper_defaults_to_150_tokens():
     cli = load_experiment("environments")
     assert cli.parse_args(["--protocol", "paper"]).max_new_tokens == 150
-    assert cli.parse_args([]).max_new_tokens == 40 and cli.parse_args([]).vector == "shipped"
+    assert cli.parse_args([]).max_new_tokens == 40 and cli.parse_args([]).vector == "environment"   # the paper's
     with pytest.raises(SystemExit):
         cli.parse_args(["--environments", "moon"])
 

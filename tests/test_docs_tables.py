@@ -1,5 +1,7 @@
 """Every table in docs/identifiability.md is regenerated from a committed result file: each study's --report
-markdown of its file under docs/data/ appears verbatim in the page (no model is loaded)."""
+markdown of its file under docs/data/ appears verbatim in the page; every report block of docs/results.md and
+README.md is what `python experiments/report.py --update` writes from the folders under docs/results/ (no model is
+loaded)."""
 
 from __future__ import annotations
 
@@ -28,3 +30,12 @@ def test_identifiability_page_tables_come_from_committed_files(script, name):
     table = load_experiment(script).markdown(result)
     for block in table.split("\n\n"):
         assert block in page, f"{name}: a table of `python experiments/{script}.py --report` is not in the page"
+
+
+@pytest.mark.parametrize("page", ["docs/results.md", "README.md"])
+def test_results_report_blocks_are_current(page):
+    report = load_experiment("report")
+    text = (ROOT / page).read_text()
+    folders = {f for m in report.BLOCK.finditer(text) for f in m.group(3).split()}
+    assert folders and all((ROOT / f).is_dir() and f.startswith("docs/results/") for f in folders)
+    assert report.update_text(text, ROOT) == text, f"run `python experiments/report.py --update {page}`"
