@@ -335,7 +335,8 @@ def summary_lines(folder: Path) -> list[str]:
             shown = sum(c.get("tost_p_holm", c["tost_p"]) < 0.05 for c in tested)
             power = sorted(c["tost_power"] for c in tested)
             out.append(f"Table 2 ({label}, {probe} probe, unadjusted 95% intervals): of {len(cells)} environment x "
-                       f"trait cells, v − base excludes zero in {steer}; pooled v + v_perp − v excludes zero in {differ}; equivalence at "
+                       f"trait cells, v − base excludes zero in {steer}; pooled v + v_perp − v excludes zero in "
+                       f"{differ}; equivalence at "
                        f"{result['settings']['margin_fraction']:.0%} of v's effect is shown in {shown} of "
                        f"{len(tested)} tested (TOST power "
                        + (f"{power[0]:.2f}-{power[-1]:.2f}" if power else "-") + ").")
