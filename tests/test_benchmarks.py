@@ -12,6 +12,7 @@ from pathlib import Path
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
+@pytest.mark.slow  # 23 s: runs the benchmark script against torch.func and SciPy (run with -m slow)
 def test_jacobian_spectrum_benchmark_runs_and_agrees_with_peers(tiny_checkpoints):
     folder = tiny_checkpoints["llama3_untied_gqa2"][0]
     argv = [sys.executable, str(BENCHMARKS / "jacobian_spectrum.py"), "--model", str(folder), "--repeats", "1",

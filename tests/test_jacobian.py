@@ -87,7 +87,10 @@ def test_jacobian_at_a_point_matches_torch_func_jacfwd(tiny_checkpoints, tiny64,
     assert rel_err(ours, np.asarray(sj.jacobian(lm, ids, layer, observable))) > 1e-2  # the point matters
 
 
-@pytest.mark.parametrize("observable,positions", [("logprobs", "last"), ("logits", "all")])
+# the all-positions case costs 13 s; positions="all" is covered in the default run by
+# test_positions_all_jacobian_on_padded_batch
+@pytest.mark.parametrize("observable,positions", [("logprobs", "last"),
+                                                  pytest.param("logits", "all", marks=pytest.mark.slow)])
 def test_operator_at_a_point_float64(tiny64, observable, positions):
     """Per-prompt points (B, d) on a padded batch: every product, the dense J, value / probs, the exact factors
     and top_singular at the point equal jax.jacfwd of the full forward at x = a_i (float64, rounding only)."""
@@ -246,7 +249,7 @@ def test_unembedding_qr_follows_the_weights(tiny64):
                                rtol=0, atol=F64_TOL * s_dense[0])
 
 
-@pytest.mark.parametrize("positions", ["last", "all"])
+@pytest.mark.parametrize("positions", ["last", pytest.param("all", marks=pytest.mark.slow)])   # all: 16 s
 def test_fisher_observable_is_the_whitened_logit_jacobian(tiny64, positions):
     """observable="fisher": J_F = diag(sqrt p)(I - 1 p^T) J_logits (p at the point), in every product, the dense
     J, the exact factors (QR of the whitened W_U) and top_singular; and 0.5 s^2 ||J_F u||^2 is the second-order
