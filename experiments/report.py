@@ -166,6 +166,8 @@ def heterogeneity_cell(h: dict | None) -> str:
     return "-" if h is None else f"{h['tau2']:.1e} ({h['p']:.2f})"
 
 
+FINDINGS_HEAD = ("Findings (generated from the table; \"above / below zero\" and \"compatible with zero\" read the "
+                 "unadjusted 95% interval, the Holm-adjusted p is in the table):")
 FAMILY_LABELS = {"v_plus_perp": "v + v_perp (norm √2‖v‖)", "matched": "v + v_perp rescaled to ‖v‖"}
 PROMPT_HEADER = ["| Cell | Probe | v − base [95% CI] | Holm p | Comparison | − v [95% CI] | Holm p "
                  "| TOST Holm p (±margin) | power | prompts for 80% | margin with 80% power (/ effect) "
@@ -241,7 +243,7 @@ def orthogonal_prompt_md(result: dict) -> str:
                                                     ("base", "v", "2v", "v+perp", "matched", "perp")) + " |")
     sentences = [finding(trait, probe, r.get(level)) for level, probe in probes
                  for trait, r in result["traits"].items()]
-    return "\n".join(lines + ["", "Findings (generated from the table):", ""]
+    return "\n".join(lines + ["", FINDINGS_HEAD, ""]
                      + [f"- {x}" for x in sentences if x])
 
 
@@ -263,7 +265,7 @@ def scale_prompt_md(result: dict) -> str:
                      f"{fluency_cells(f.get('v+perp'))} |")
     sentences = [finding(f"{r['trait']} at alpha {r['alpha']:g}", probe, r.get(level)) for level, probe in probes
                  for r in rows]
-    return "\n".join(lines + ["", "Findings (generated from the table):", ""] + [f"- {x}" for x in sentences if x])
+    return "\n".join(lines + ["", FINDINGS_HEAD, ""] + [f"- {x}" for x in sentences if x])
 
 
 def environments_prompt_md(result: dict) -> str:
@@ -283,7 +285,7 @@ def environments_prompt_md(result: dict) -> str:
             fluency_cells(f.get(k)) for k in ("base", "v", "v+perp")) + " |")
     sentences = [finding(f"{r['trait']} in {r['environment']} ({r['label']})", probe, r.get(level))
                  for level, probe in probes for r in result["rows"]]
-    return "\n".join(lines + ["", "Findings (generated from the table):", ""] + [f"- {x}" for x in sentences if x])
+    return "\n".join(lines + ["", FINDINGS_HEAD, ""] + [f"- {x}" for x in sentences if x])
 
 
 PROMPT_LEVEL = {"orthogonal": orthogonal_prompt_md, "scale_invariance": scale_prompt_md,
@@ -351,9 +353,10 @@ def prompt_tables(kind: str, result: dict) -> list[dict]:
 
 
 def design_line(folder: Path) -> str:
-    """The design a study ran and the power it had: prompts x samples, seeds, conditions, run time, and for the
-    pooled v + v_perp comparisons the TOST power at the effect-tied margin, the prompts 80% power would need, and
-    the smallest margin this design confirms with 80% power (as a fraction of v's effect)."""
+    """The design a study ran and the power it had: prompts x samples, seeds, run time, and for the pooled
+    v + v_perp comparisons of the cells where v steers (its effect interval excludes zero) the TOST power at the
+    effect-tied margin, the prompts 80% power would need, and the smallest margin this design confirms with 80%
+    power (as a fraction of v's effect)."""
     kind, result = load_study(folder)
     s = result["settings"]
     if kind == "environments":
@@ -361,15 +364,17 @@ def design_line(folder: Path) -> str:
         where = f"{len(s['environments'])} environments x "
     else:
         prompts, samples, where = len(s["plan"]["prompts"]), s["plan"]["samples_per_prompt"], ""
+    steers = lambda e: not (e["ci_low"] <= 0 <= e["ci_high"])
     comparisons = [(t["pooled_v_plus_perp_minus_v"], t["v_minus_base"]["mean"]) for t in prompt_tables(kind, result)
-                   if t["pooled_v_plus_perp_minus_v"].get("tost_p") is not None]
+                   if t["pooled_v_plus_perp_minus_v"].get("tost_p") is not None and steers(t["v_minus_base"])]
     span = lambda xs, spec: "-" if not xs else f"{min(xs):{spec}}-{max(xs):{spec}}"
     power = [c["tost_power"] for c, _ in comparisons]
     needed = [c["prompts_for_80_power"] for c, _ in comparisons if c.get("prompts_for_80_power")]
     least = [c["margin_for_80_power"] / abs(e) for c, e in comparisons if c.get("margin_for_80_power") and e]
     minutes = result.get("seconds_total", result.get("seconds_generation", 0)) / 60
     return (f"`{kind}`: {where}{prompts} prompts x {samples} samples, {s['seeds']} v_perp seeds, "
-            f"{s.get('margin_fraction', 0.2):.0%} margin, {minutes:.0f} min on 2 cores. Pooled v + v_perp against v: "
+            f"{s.get('margin_fraction', 0.2):.0%} margin, {minutes:.0f} min on 2 cores. Pooled v + v_perp against v, "
+            f"in the {len(comparisons)} table cells (both probes) where v's effect interval excludes zero: "
             f"TOST power {span(power, '.2f')}; prompts for 80% power {span(needed, '')}; smallest margin with 80% "
             f"power {span(least, '.0%')} of v's effect.")
 
