@@ -25,11 +25,12 @@ from steerjax.checks import check_positive_int
 from steerjax.errors import InputError
 from steerjax.model import LanguageModel, as_token_batch
 from steerjax.models import causal_lm
-from steerjax.models.config import ModelConfig
+from steerjax.models.config import ModelConfig, require_cached_paths
 from steerjax.models.layers import rope_cos_sin, rope_inv_freq
 from steerjax.steering import Steer, steer_deltas
 
 log = logging.getLogger("steerjax")
+GENERATOR_NAME = "the KV-cache generator (steerjax.generate)"
 
 
 class GenerationOutput(NamedTuple):
@@ -108,6 +109,7 @@ def decode_step(config: ModelConfig, params, token, slot, position, cache_k, cac
     """Run token (B,) at cache slot `slot` with RoPE position (B,); caches (L, B, S, K, h); key_mask (B, S);
     delta (B, d) steers h_steer_layer; panels: optional `pack_decode_weights(params)`, whose products then
     run in the CPU decode kernel. Returns logits (B, V) and the updated caches."""
+    require_cached_paths(config, GENERATOR_NAME)
     dtype = causal_lm.param_dtype(params)
     inv_freq = jnp.asarray(rope_inv_freq(config), jnp.promote_types(dtype, jnp.float32))
     cos, sin = rope_cos_sin(inv_freq, position[:, None], dtype)
@@ -137,6 +139,7 @@ def generate_pure(config: ModelConfig, params, ids, attention_mask, steer_layer,
     steer_layer int (-1: none); keys (B, 2) PRNG keys; panels: optional `pack_decode_weights(params)`, which
     runs the decode steps' weight products in the CPU kernels (steerjax.cpu_kernels; the caller checks they
     are available). Returns (tokens (B, T+N), mask (B, T+N), logits)."""
+    require_cached_paths(config, GENERATOR_NAME)
     B, T = ids.shape
     S = T + max_new_tokens
     full_mask = jnp.concatenate([attention_mask, jnp.ones((B, max_new_tokens), attention_mask.dtype)], axis=1)
@@ -326,6 +329,7 @@ def generate(lm: LanguageModel, ids, steer: Steer | None = None, max_new_tokens:
     decode_kernels: run decode steps' weight products in steerjax's CPU kernels over a packed copy of the
     weights kept in lm.cache (None: STEERJAX_DECODE_KERNELS=0/1 if set, else wherever `decode_kernels_apply(lm)`;
     True: also past the memory share; False: XLA's dot everywhere). `DECODE_RECORD` counts the path taken."""
+    require_cached_paths(lm.config, GENERATOR_NAME)
     _check_sampling(max_new_tokens, temperature, top_p)
     batch = as_token_batch(ids, attention_mask)
     lm.check_ids(batch)

@@ -102,7 +102,7 @@ class DerivedCache:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class LanguageModel:
-    """A Llama/Qwen2 causal LM: config, parameter pytree (see models/causal_lm.py) and tokenizer.
+    """A Llama / Qwen2 / Qwen3 / Gemma 3 causal LM: config, parameter pytree (see models/causal_lm.py) and tokenizer.
 
     Immutable: `lm.replace(params=...)` returns a new model with fresh derived caches; never assign fields.
     `cache` holds data derived from the weights (`DerivedCache`)."""
@@ -231,7 +231,7 @@ def _dtype(dtype: str | Any):
 
 
 def load_model(spec: str | os.PathLike | None = None, dtype: str = "float32", cache_dir=None) -> LanguageModel:
-    """Load a Llama/Qwen2 checkpoint.
+    """Load a Llama, Qwen2, Qwen3 or Gemma 3 (text) checkpoint.
 
     spec: a local HF folder (config.json + model.safetensors or a sharded index), a HF model id found
     in the local HF cache (`cache_dir` or the default; never downloaded), a `.gguf` file, or None for

@@ -69,11 +69,12 @@ def block_partition_specs(config: ModelConfig, model_size: int, block_params) ->
     def row(shard):  # kernel (L, in, out) sharded on in; bias (L, out) replicated
         return {"kernel": P(None, shard, None), "bias": P(None, None)}
 
+    norm = {"weight": P(None, None)}  # replicated (also Gemma's extra norms and the per-head q/k norms)
     layout = {
-        "input_layernorm": {"weight": P(None, None)},
-        "post_attention_layernorm": {"weight": P(None, None)},
+        "input_layernorm": norm, "post_attention_layernorm": norm,
+        "pre_feedforward_layernorm": norm, "post_feedforward_layernorm": norm,
         "self_attn": {"q_proj": column(heads), "k_proj": column(kv_heads), "v_proj": column(kv_heads),
-                      "o_proj": row(heads)},
+                      "o_proj": row(heads), "q_norm": norm, "k_norm": norm},
         "mlp": {"gate_proj": column(inner), "up_proj": column(inner), "down_proj": row(inner)},
     }
     return _restrict(layout, block_params)

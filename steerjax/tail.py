@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from steerjax import xla
 from steerjax.model import TokenBatch
 from steerjax.models import causal_lm
+from steerjax.models.config import require_cached_paths
 
 OBSERVABLES = ("logits", "logprobs")
 TAIL_POSITIONS = ("last", "all")
@@ -30,6 +31,7 @@ TAIL_POSITIONS = ("last", "all")
 # 1.24 s in 2 x 448 or 1 x 896), so d <= 1024 runs in one chunk and d = 4096 in 4; a tail over the sequence
 # holds T tokens' activations per tangent
 TAIL_CHUNK, SEQUENCE_CHUNK = 1024, 64
+TAIL_NAME = "the steered tail (Jacobian operators, steered observables)"
 
 
 def default_chunk(positions: str = "last", recompute: bool = False) -> int:
@@ -53,6 +55,7 @@ class TailContext(NamedTuple):
 @functools.partial(xla.jit, static_argnums=(0, 3))
 def tail_context(config, params, batch: TokenBatch, layer: int) -> TailContext:
     """TailContext of a left-padded batch (ids, attention_mask (B, T)) at residual stream h_layer."""
+    require_cached_paths(config, TAIL_NAME)
     hidden, keys, values, cos, sin = causal_lm.forward_with_cache(config, params, batch.ids, batch.attention_mask)
     to_batch_major = lambda x: jnp.moveaxis(x[layer:], 0, 1)
     return TailContext(hidden[layer], to_batch_major(keys), to_batch_major(values), cos, sin,
@@ -79,6 +82,7 @@ def tail_window(config, blocks, ctx: TailContext, x, window: int):
     to h_l at each of them; blocks (the model's full stack) l..L-1 run on those `window` tokens against the
     cached keys/values of the earlier positions (l = L - ctx.keys.shape[0]). Causal attention makes this exact:
     no earlier position sees the steer."""
+    require_cached_paths(config, TAIL_NAME)
     h = (ctx.h[-window:] + x)[None]
     mask = causal_lm.causal_mask(ctx.attention_mask[None])[:, -window:]          # (1, window, T)
     cos, sin = ctx.cos[None, -window:], ctx.sin[None, -window:]
@@ -100,6 +104,7 @@ def tail_last(config, blocks, ctx: TailContext, x):
 def tail_full(config, blocks, ctx: TailContext, x, steer_mask):
     """As `tail_last`, but x is added at the positions of steer_mask (T,) and blocks l..L-1 are
     re-run over the whole sequence (no cache)."""
+    require_cached_paths(config, TAIL_NAME)
     h = (ctx.h + steer_mask[:, None].astype(ctx.h.dtype) * x)[None]
     mask = causal_lm.causal_mask(ctx.attention_mask[None])
 
@@ -149,6 +154,7 @@ def steered_observable(config, observable: str = "logits") -> Callable:
     the last prompt token, for aux = (params, ctx) (`JacobianOperator.tail_args()`); the one-token tail, so
     exact and cheap, and differentiable in v; jit-compiled (it also traces inside other transformations). Cached
     per (config, observable): keep the function's identity to reuse compilations that take it (`steerjax.fits`)."""
+    require_cached_paths(config, TAIL_NAME)
 
     def fn(v, aux):
         params, ctx = aux

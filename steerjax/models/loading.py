@@ -264,8 +264,6 @@ def expected_layer_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     d, f, h = config.hidden_size, config.intermediate_size, config.head_dim
     q, kv = config.num_heads * h, config.num_kv_heads * h
     shapes = {
-        "input_layernorm.weight": (d,),
-        "post_attention_layernorm.weight": (d,),
         "self_attn.q_proj.weight": (q, d),
         "self_attn.k_proj.weight": (kv, d),
         "self_attn.v_proj.weight": (kv, d),
@@ -280,7 +278,20 @@ def expected_layer_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes["self_attn.o_proj.bias"] = (d,)
     if config.mlp_bias:
         shapes.update({"mlp.gate_proj.bias": (f,), "mlp.up_proj.bias": (f,), "mlp.down_proj.bias": (d,)})
+    shapes.update({f"{name}.weight": (h,) for name in head_norm_names(config)})
+    shapes.update({f"{name}.weight": (d,) for name in layer_norm_names(config)})
     return shapes
+
+
+def layer_norm_names(config: ModelConfig) -> tuple[str, ...]:
+    """HF names (inside model.layers.{i}.) of a block's (d,) norms: two, or four with Gemma's sandwich norms."""
+    names = ("input_layernorm", "post_attention_layernorm")
+    return names + (("pre_feedforward_layernorm", "post_feedforward_layernorm") if config.sandwich_norms else ())
+
+
+def head_norm_names(config: ModelConfig) -> tuple[str, ...]:
+    """HF names of the per-head (h,) q/k norms (Qwen3, Gemma 3), or none."""
+    return ("self_attn.q_norm", "self_attn.k_norm") if config.qk_norm else ()
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -318,15 +329,17 @@ def _linear_params(state, prefix: str, bias: bool, dtype) -> dict[str, Any]:
 def block_params_from_state(config: ModelConfig, state, layer: int, dtype) -> dict[str, Any]:
     """Pure-dict params of one DecoderBlock (layers.py structure) from HF tensors."""
     p = f"model.layers.{layer}"
+    norm = lambda name: {"weight": jnp.asarray(state[f"{p}.{name}.weight"], dtype)}
+    attention = {
+        "q_proj": _linear_params(state, f"{p}.self_attn.q_proj", config.qkv_bias, dtype),
+        "k_proj": _linear_params(state, f"{p}.self_attn.k_proj", config.qkv_bias, dtype),
+        "v_proj": _linear_params(state, f"{p}.self_attn.v_proj", config.qkv_bias, dtype),
+        "o_proj": _linear_params(state, f"{p}.self_attn.o_proj", config.o_bias, dtype),
+    }
+    attention.update({name.split(".")[-1]: norm(name) for name in head_norm_names(config)})
     return {
-        "input_layernorm": {"weight": jnp.asarray(state[f"{p}.input_layernorm.weight"], dtype)},
-        "post_attention_layernorm": {"weight": jnp.asarray(state[f"{p}.post_attention_layernorm.weight"], dtype)},
-        "self_attn": {
-            "q_proj": _linear_params(state, f"{p}.self_attn.q_proj", config.qkv_bias, dtype),
-            "k_proj": _linear_params(state, f"{p}.self_attn.k_proj", config.qkv_bias, dtype),
-            "v_proj": _linear_params(state, f"{p}.self_attn.v_proj", config.qkv_bias, dtype),
-            "o_proj": _linear_params(state, f"{p}.self_attn.o_proj", config.o_bias, dtype),
-        },
+        **{name: norm(name) for name in layer_norm_names(config)},
+        "self_attn": attention,
         "mlp": {
             "gate_proj": _linear_params(state, f"{p}.mlp.gate_proj", config.mlp_bias, dtype),
             "up_proj": _linear_params(state, f"{p}.mlp.up_proj", config.mlp_bias, dtype),

@@ -1,0 +1,310 @@
+"""Gemma 3 (text) and Qwen3 against transformers (PyTorch, eager attention, float32) on tiny random checkpoints:
+logits and every hidden state on a left-padded batch, steering against an HF pre-hook, the sliding-window and
+RoPE conventions, config parsing; Qwen3 also through the KV-cache generator and the one-token Jacobian tail,
+Gemma 3 refused there with a clear error."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import steerjax as sj
+from conftest import TINY_VOCAB, rel_err
+from hf_reference import hf_forward, hf_steering_hook
+from steerjax import cpu_kernels, tail
+from steerjax.models import causal_lm
+from steerjax.models.config import config_from_hf
+from steerjax.steering import position_mask
+
+F32_TOL = 1e-4  # as in test_models: float32 rounding differences between the two implementations
+F64_TOL = 1e-9  # steerjax float64 paths against each other (test_jacobian's bar)
+SLIDE, FULL = "sliding_attention", "full_attention"
+
+CONFIGS = {
+    # window 4 < the 13-token test rows; linear scaling on the global RoPE; both softcaps (transformers applies only
+    # the final one to Gemma 3, see test_attention_softcapping_*); query_pre_attn_scalar (32) differs from head_dim
+    # (24), which differs from hidden / heads (16)
+    "gemma3_softcap": dict(model_type="gemma3_text", num_hidden_layers=5, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=24, query_pre_attn_scalar=32, sliding_window=4,
+                           layer_types=[SLIDE, SLIDE, FULL, SLIDE, FULL],
+                           rope_parameters={SLIDE: {"rope_type": "default", "rope_theta": 100.0},
+                                            FULL: {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}},
+                           attn_logit_softcapping=4.0, final_logit_softcapping=3.0),
+    # no softcapping; RoPE bases through the older kwargs (rope_theta, rope_local_base_freq); window 3; GQA 1
+    "gemma3_plain": dict(model_type="gemma3_text", num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=4, head_dim=16, query_pre_attn_scalar=16, sliding_window=3,
+                         layer_types=[SLIDE, FULL, SLIDE, SLIDE], rope_theta=5000.0, rope_local_base_freq=50.0),
+    "qwen3_tied": dict(model_type="qwen3", num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                       head_dim=24, tie_word_embeddings=True),
+    "qwen3_untied_bias": dict(model_type="qwen3", num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1,
+                              head_dim=16, tie_word_embeddings=False, attention_bias=True),
+}
+
+
+def build_model(name: str, seed: int = 0, **overrides):
+    """A tiny transformers Gemma3ForCausalLM / Qwen3ForCausalLM (eager, float32) with O(1)-scale random weights
+    (Gemma's norms, which scale by 1 + w, get w ~ 0.3 N(0, 1))."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, Qwen3Config, Qwen3ForCausalLM
+
+    spec = {**CONFIGS[name], **overrides}
+    model_type = spec.pop("model_type")
+    config_cls, model_cls = {"gemma3_text": (Gemma3TextConfig, Gemma3ForCausalLM),
+                             "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[model_type]
+    config = config_cls(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=96, rms_norm_eps=1e-6,
+                        max_position_embeddings=64, attn_implementation="eager", pad_token_id=0, **spec)
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "norm" in pname:
+                p.copy_(0.3 * torch.randn_like(p) if model_type == "gemma3_text" else 1.0 + 0.2 * torch.randn_like(p))
+            elif pname.endswith("bias"):
+                p.copy_(0.2 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) / np.sqrt(p.shape[-1]) * 1.5)
+    return model
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """name -> (folder, torch model), saved as float32 safetensors."""
+    out = {}
+    for name in CONFIGS:
+        model = build_model(name)
+        folder = tmp_path_factory.mktemp(name)
+        model.save_pretrained(folder)
+        out[name] = (folder, model)
+    return out
+
+
+def padded_batch(seed: int, lengths=(13, 8)):
+    rng = np.random.default_rng(seed)
+    return sj.model.left_pad([list(rng.integers(1, TINY_VOCAB, size=n)) for n in lengths], pad_id=0)
+
+
+def parity_errors(lm, hf_model, batch, steer=None, hook=None, steer_deltas=None) -> dict[str, float]:
+    """Relative errors (real tokens only) of logits, each h_l (l < L), the final-norm input h_L and its norm,
+    steerjax against HF (under `hook`, a context manager, when given). steer_deltas (B, T, d): what `steer` adds
+    to h_steer.layer, taken off before the comparison (steerjax's hidden[l] is h_l as block l sees it, HF's
+    hidden_states[l] the output of block l - 1, before a pre-hook on block l)."""
+    out = lm.forward(batch, steer=steer, return_hidden=True)
+    with hook if hook is not None else contextlib.nullcontext():
+        ref_logits, ref_hidden, ref_h_final = hf_forward(hf_model, batch.ids, batch.attention_mask)
+    real = batch.attention_mask.astype(bool)
+    hidden = [np.asarray(h) for h in out.hidden]
+    if steer is not None:
+        hidden[steer.layer] = hidden[steer.layer] - steer_deltas
+    errors = {"logits": rel_err(np.asarray(out.logits)[real], ref_logits[real])}
+    for layer in range(lm.num_layers):
+        errors[f"h{layer}"] = rel_err(hidden[layer][real], ref_hidden[layer][real])
+    errors["h_L"] = rel_err(hidden[-1][real], ref_h_final[real])
+    normed = causal_lm.final_norm(lm.config, lm.params, out.hidden[-1])
+    errors["norm(h_L)"] = rel_err(np.asarray(normed)[real], ref_hidden[-1][real])
+    return errors
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_logits_and_every_hidden_state_match_hf_on_a_padded_batch(checkpoints, name):
+    folder, hf_model = checkpoints[name]
+    lm = sj.load_model(folder)
+    assert lm.config.model_type == CONFIGS[name]["model_type"]
+    errors = parity_errors(lm, hf_model, padded_batch(1))
+    print(f"{name}: max relative error {max(errors.values()):.2e} ({max(errors, key=errors.get)})")
+    assert max(errors.values()) <= F32_TOL, errors
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("layer,positions", [(1, "all"), (3, "last")])
+def test_steering_equals_hf_pre_hook(checkpoints, name, layer, positions):
+    folder, hf_model = checkpoints[name]
+    lm = sj.load_model(folder)
+    batch = padded_batch(2 + layer)
+    v = np.random.default_rng(3 + layer).normal(size=lm.d).astype(np.float32)
+    steer = sj.Steer(layer=layer, vector=v, alpha=1.5, positions=positions)
+    mask = np.array(position_mask(positions, batch.ids.shape[1], batch.attention_mask))
+    errors = parity_errors(lm, hf_model, batch, steer, hf_steering_hook(hf_model, layer, v, 1.5, mask),
+                           steer_deltas=1.5 * mask[..., None] * v)
+    print(f"{name} steered at {layer} ({positions}): max relative error {max(errors.values()):.2e}")
+    assert max(errors.values()) <= F32_TOL, errors
+    unsteered = lm.forward(batch).logits
+    assert rel_err(lm.forward(batch, steer=steer).logits[:, -1], unsteered[:, -1]) > 1e-2  # the steer bit
+
+
+def test_attention_softcapping_matches_hf_eager_with_softcap(checkpoints, monkeypatch):
+    """transformers 5.25's Gemma3Attention never passes attn_logit_softcapping to its attention function, so
+    steerjax's gemma3_text config leaves it None; the mechanism itself (Gemma 2's: scores <- cap tanh(scores / cap)
+    before the mask) equals HF's eager attention called with softcap, as Gemma2Attention calls it."""
+    from transformers.models.gemma3 import modeling_gemma3
+
+    folder, hf_model = checkpoints["gemma3_softcap"]
+    lm = sj.load_model(folder)
+    assert lm.config.attn_logit_softcapping is None and lm.config.final_logit_softcapping == 3.0
+    cap = hf_model.config.attn_logit_softcapping
+    batch = padded_batch(1)
+    plain = lm.forward(batch).logits
+    eager = modeling_gemma3.eager_attention_forward
+    monkeypatch.setattr(modeling_gemma3, "eager_attention_forward",
+                        lambda module, *args, **kwargs: eager(module, *args, softcap=cap, **kwargs))
+    capped = lm.replace(config=dataclasses.replace(lm.config, attn_logit_softcapping=cap))
+    errors = parity_errors(capped, hf_model, batch)
+    print(f"gemma3 with attention softcapping {cap}: max relative error {max(errors.values()):.2e}")
+    assert max(errors.values()) <= F32_TOL, errors
+    assert rel_err(capped.forward(batch).logits, plain) > 1e-2  # the cap bites
+
+
+def test_the_comparison_resolves_the_window_boundary_and_the_two_rope_bases(checkpoints):
+    """An off-by-one window or swapped RoPE bases would fail the parity test: each moves the logits by far more
+    than its tolerance."""
+    folder, hf_model = checkpoints["gemma3_softcap"]
+    lm = sj.load_model(folder)
+    batch = padded_batch(1)
+    real = batch.attention_mask.astype(bool)
+    ref = hf_forward(hf_model, batch.ids, batch.attention_mask)[0][real]
+    config = lm.config
+    variants = {"window - 1": dict(sliding_window=config.sliding_window - 1),
+                "window + 1": dict(sliding_window=config.sliding_window + 1),
+                "local base = global": dict(rope_local_theta=config.rope_theta,
+                                            rope_local_scaling=config.rope_scaling),
+                "global base = local": dict(rope_theta=config.rope_local_theta, rope_scaling=())}
+    for label, change in variants.items():
+        wrong = lm.replace(config=dataclasses.replace(config, **change))
+        err = rel_err(np.asarray(wrong.forward(batch).logits)[real], ref)
+        print(f"{label}: relative error {err:.2e}")
+        assert err > 100 * F32_TOL, label
+
+
+def test_sliding_window_mask_convention():
+    """HF's sliding_window_overlay: a query at slot t sees keys t - window + 1 .. t (window keys with itself),
+    and no padding."""
+    mask = np.asarray(causal_lm.sliding_window_mask(jnp.asarray([[0, 1, 1, 1, 1, 1, 1]]), 3))[0]
+    expected = np.zeros((7, 7), bool)
+    for t in range(1, 7):
+        expected[t, max(1, t - 2):t + 1] = True
+    np.testing.assert_array_equal(mask, expected)
+
+
+def test_gemma3_config_from_the_hub_format_equals_the_saved_one(checkpoints, tmp_path):
+    """transformers 5 saves Gemma 3's RoPE per layer type (rope_parameters = {"sliding_attention": {...},
+    "full_attention": {...}}); Hub checkpoints carry rope_theta + rope_scaling (global layers),
+    rope_local_base_freq (local) and an older sliding_window_pattern instead of layer_types."""
+    folder, _ = checkpoints["gemma3_softcap"]
+    saved = json.loads((folder / "config.json").read_text())
+    assert set(saved["rope_parameters"]) == {SLIDE, FULL}
+    hub = {k: v for k, v in saved.items() if k not in ("rope_parameters", "layer_types")}
+    hub.update(rope_theta=10000.0, rope_local_base_freq=100.0, rope_scaling={"rope_type": "linear", "factor": 4.0},
+               num_hidden_layers=5, sliding_window_pattern=3)
+    from_saved, from_hub = config_from_hf(saved), config_from_hf(hub)
+    assert from_hub.layer_types == (SLIDE, SLIDE, FULL, SLIDE, SLIDE)   # every 3rd layer global, as HF derives
+    assert dataclasses.replace(from_hub, layer_types=from_saved.layer_types) == from_saved
+    assert from_saved.rope_scaling == (("factor", 4.0), ("rope_type", "linear"))
+    assert (from_saved.rope_theta, from_saved.rope_local_theta, from_saved.rope_local_scaling) == (10000.0, 100.0, ())
+    # transformers' own reading of the Hub-format file agrees on what its layers use
+    from transformers import Gemma3TextConfig
+
+    hf = Gemma3TextConfig.from_dict(hub)
+    assert tuple(hf.layer_types) == from_hub.layer_types
+    assert hf.rope_parameters[SLIDE]["rope_theta"] == 100.0 and hf.rope_parameters[FULL]["factor"] == 4.0
+
+
+def test_qwen3_config_fields(checkpoints):
+    config = sj.load_model(checkpoints["qwen3_untied_bias"][0]).config
+    assert config.qk_norm and config.qkv_bias and config.o_bias and not config.has_local_layers
+    assert config.head_dim == 16 and config.norm_style == "llama" and not config.scale_embeddings
+    with pytest.raises(sj.UnsupportedModelError, match="use_sliding_window"):
+        config_from_hf({**json.loads((checkpoints["qwen3_tied"][0] / "config.json").read_text()),
+                        "use_sliding_window": True})
+
+
+@pytest.mark.parametrize("name", ["gemma3_plain", "qwen3_tied"])
+def test_sharding_layout_covers_the_new_weights(checkpoints, name):
+    """Every leaf (the q/k norms, Gemma's extra norms) has a PartitionSpec; norms are replicated."""
+    lm = sj.load_model(checkpoints[name][0])
+    specs = sj.sharding.partition_specs(lm.config, lm.params, 2)
+    assert jax.tree.structure(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)) == \
+        jax.tree.structure(lm.params)
+    assert specs["blocks"]["self_attn"]["q_norm"]["weight"] == jax.sharding.PartitionSpec(None, None)
+
+
+def test_embedding_scale_is_rounded_like_hf():
+    """sqrt(d) in float32, then in the model dtype: Gemma 3 4B's sqrt(2560) = 50.596 is 50.5 in bfloat16."""
+    config = dataclasses.replace(sj.ModelConfig("gemma3_text", 10, 2560, 8, 1, 4, 4, 640, 1e-6, 1e4),
+                                 scale_embeddings=True)
+    assert float(causal_lm.embed_scale(config, jnp.bfloat16)) == 50.5
+    assert float(causal_lm.embed_scale(config, jnp.float32)) == float(np.float32(np.sqrt(2560)))
+
+
+def test_gemma3_cached_paths_raise_a_clear_error(checkpoints):
+    lm = sj.load_model(checkpoints["gemma3_plain"][0])
+    ids = padded_batch(4).ids[1:]
+    with pytest.raises(sj.UnsupportedModelError, match="KV-cache generator .*'gemma3_text'"):
+        sj.generate(lm, ids, max_new_tokens=2)
+    with pytest.raises(sj.UnsupportedModelError, match="steered tail .*'gemma3_text'"):
+        sj.jacobian_operator(lm, ids, layer=1)
+    with pytest.raises(sj.UnsupportedModelError, match="'gemma3_text'"):
+        tail.steered_observable(lm.config, "logits")
+
+
+# ----------------------------------------------------------------------------- Qwen3 cached paths
+
+@pytest.fixture(scope="module")
+def qwen3_no_eos(tmp_path_factory):
+    """A tiny Qwen3 without an EOS token, so greedy runs last max_new_tokens on both sides."""
+    hf_model = build_model("qwen3_tied", seed=3)
+    hf_model.config.eos_token_id = None
+    hf_model.generation_config.eos_token_id = None
+    folder = tmp_path_factory.mktemp("qwen3_gen")
+    hf_model.save_pretrained(folder)
+    return folder, hf_model
+
+
+@pytest.mark.parametrize("kernels", [False, True], ids=["xla-dot", "cpu-decode-kernels"])
+def test_qwen3_greedy_generation_matches_hf_generate(qwen3_no_eos, kernels):
+    if kernels and not cpu_kernels.available():
+        pytest.skip(f"CPU decode kernels unavailable: {cpu_kernels.unavailable_reason()}")
+    folder, hf_model = qwen3_no_eos
+    lm = sj.load_model(folder)
+    batch = padded_batch(5, lengths=(4, 9))
+    ours = sj.generate(lm, batch, max_new_tokens=8, decode_kernels=kernels, return_logits=True)
+    with torch.no_grad():
+        ref = hf_model.generate(torch.as_tensor(batch.ids, dtype=torch.long), do_sample=False,
+                                attention_mask=torch.as_tensor(batch.attention_mask, dtype=torch.long),
+                                max_new_tokens=8, pad_token_id=0).numpy()
+    np.testing.assert_array_equal(ours.tokens, ref)
+    # each decode step's logits are the full forward's over the final sequence
+    T = batch.ids.shape[1]
+    full = lm.forward(ours.tokens, attention_mask=ours.attention_mask).logits
+    assert rel_err(ours.logits, full[:, T - 1:-1]) <= F32_TOL
+
+
+@pytest.mark.parametrize("observable", ["logits", "logprobs"])
+def test_qwen3_tail_jacobian_equals_jacfwd_of_the_full_forward(checkpoints, observable):
+    """The one-token tail (and its recompute cross-check) against jax.jacfwd of the HF-checked full forward,
+    float64, on a padded batch."""
+    lm = sj.load_model(checkpoints["qwen3_untied_bias"][0], dtype="float64")
+    batch = padded_batch(6, lengths=(6, 9))
+    layer = 1
+    op = sj.jacobian_operator(lm, batch, layer, observable)
+    dense = np.asarray(op.dense())
+    for row in range(2):
+        ids, mask = batch.ids[row], batch.attention_mask[row]
+        steer_mask = np.zeros(ids.shape)
+        steer_mask[-1] = 1
+
+        def f(x):
+            delta = steer_mask[None, :, None] * x[None, None, :]
+            logits = causal_lm.forward(lm.config, lm.params, ids[None], mask[None], layer, delta, False)[0][0, -1]
+            return logits if observable == "logits" else jax.nn.log_softmax(logits)
+
+        ref = np.asarray(jax.jacfwd(f)(jnp.zeros(lm.d)))
+        print(f"qwen3 {observable} row {row}: tail vs jacfwd relative error {rel_err(dense[row], ref):.1e}")
+        assert rel_err(dense[row], ref) <= F64_TOL
+    recomputed = np.asarray(sj.jacobian_operator(lm, batch, layer, observable, recompute=True).dense())
+    print(f"qwen3 {observable}: tail vs recompute relative error {rel_err(dense, recomputed):.1e}")
+    assert rel_err(dense, recomputed) <= F64_TOL
