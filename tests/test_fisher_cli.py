@@ -41,6 +41,7 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow  # 27 s; the Fisher matrices, bounds and fits it reports are unit-tested in test_fisher / test_fits
 def test_fisher_cramer_rao_cli(patched, tmp_path, capsys):
     cli = load_experiment("fisher_cramer_rao")
     out = tmp_path / "fcr"

@@ -25,6 +25,7 @@ def drop_unit(path, key: str) -> None:
     path.write_text(json.dumps(store))
 
 
+@pytest.mark.slow  # 40 s of XLA compilation for the sweep, the points and the report (run with -m slow)
 def test_first_order_cli(patched, tmp_path, capsys):
 
     cli = load_experiment("first_order")
