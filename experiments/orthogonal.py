@@ -187,8 +187,8 @@ def run(args) -> dict:
               "traits": {t: {**analyse_trait(store, protocol, t, args.seeds, args.seed_counts),
                              "prompt_level": prompt_level(store, protocol, t, args.seeds, clusters,
                                                           args.margin_fraction),
-                             "second_probe": prompt_level(store, protocol, t, args.seeds, clusters,
-                                                          args.margin_fraction, probes.second_kind),
+                             "second_probe": None if probes.second_kind is None else prompt_level(
+                                 store, protocol, t, args.seeds, clusters, args.margin_fraction, probes.second_kind),
                              "fluency": fluency_by_family(store, t, args.seeds, clusters)} for t in args.traits},
               "seconds_generation": sum(store[k]["seconds"] for k in conditions), "meta": meta}
     holm_within_table(result["traits"])

@@ -28,7 +28,10 @@ def scores(units, key, trait, field="generated"):
 def test_orthogonal_cli(serve_smollm2, tmp_path, capsys):
     cli = load_experiment("orthogonal")
     out = tmp_path / "orth"
-    argv = ["--traits", "formality", "--seeds", "2", "--seed-counts", "2", "--out", str(out), *TINY]
+    # the model's second probe is exercised in test_environments_cli (slow) and routed in test_behaviour; here it
+    # would triple the run's compilations (99 s against 26 s)
+    argv = ["--traits", "formality", "--seeds", "2", "--seed-counts", "2", "--no-second-probe", "--out", str(out),
+            *TINY]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert "Table 1 format" in printed and "wrote" in printed
@@ -57,11 +60,7 @@ def test_orthogonal_cli(serve_smollm2, tmp_path, capsys):
     assert pl["pooled_v_plus_perp_minus_v"]["mean"] == pytest.approx(np.mean(pooled - v))
     assert pl["pooled_v_plus_perp_minus_v"]["n_prompts"] == 2 and "pooled_matched_minus_v" in pl
     assert "prompt level" in printed
-    # the second probe (the model's own) scores the conditions of the tables, not the perp-only / 2v controls
-    second = lambda key: np.array(units["units"][key]["second_scores"]["model"]["formality"])
-    assert r["second_probe"]["v_minus_base"]["mean"] == pytest.approx(np.mean(second("formality/v") - second("base")))
-    assert "second_scores" not in units["units"]["formality/perp0"] and "second_scores" not in units["units"][
-        "formality/2v"]
+    assert r["second_probe"] is None and "second_scores" not in units["units"]["formality/v"]
     assert set(r["fluency"]) == {"base", "v", "2v", "v+perp", "matched", "perp"}
     ds = [s["d"] for s in r["per_seed"] if s["d"] is not None]
     assert r["table"][0]["n_seeds"] == 2 and (not ds or r["table"][0]["d_mean"] == pytest.approx(np.mean(ds)))
