@@ -72,11 +72,18 @@ def build_hf_model(name: str, seed: int = 0, num_layers: int = 3, **overrides):
                         num_hidden_layers=num_layers, rms_norm_eps=1e-6, max_position_embeddings=64,
                         attn_implementation="eager", pad_token_id=0, **spec)
     torch.manual_seed(seed)
-    model = model_cls(config).eval()
+    return randomize_weights(model_cls(config).eval())
+
+
+def randomize_weights(model, norm_weight=lambda p: 1.0 + 0.2 * p):
+    """`model` with O(1)-scale random weights drawn in parameter order from torch's current seed: norm weights
+    norm_weight(N(0, 1)), biases 0.2 N(0, 1), matrices N(0, 1.5^2 / fan_in)."""
+    import torch
+
     with torch.no_grad():
         for pname, p in model.named_parameters():
             if "norm" in pname:
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+                p.copy_(norm_weight(torch.randn_like(p)))
             elif pname.endswith("bias"):
                 p.copy_(0.2 * torch.randn_like(p))
             else:
@@ -84,16 +91,30 @@ def build_hf_model(name: str, seed: int = 0, num_layers: int = 3, **overrides):
     return model
 
 
-@pytest.fixture(scope="session")
-def tiny_checkpoints(tmp_path_factory):
-    """name -> (folder, torch model) for every tiny config."""
+def save_checkpoints(tmp_path_factory, names, build) -> dict:
+    """name -> (folder, torch model): build(name) saved with save_pretrained into a fresh temp folder each."""
     out = {}
-    for name in TINY_CONFIGS:
-        model = build_hf_model(name)
+    for name in names:
+        model = build(name)
         folder = tmp_path_factory.mktemp(name)
         model.save_pretrained(folder)
         out[name] = (folder, model)
     return out
+
+
+def save_without_eos(tmp_path_factory, hf_model, name: str):
+    """(folder, hf_model) with the model's EOS token removed, so greedy runs last max_new_tokens on both sides."""
+    hf_model.config.eos_token_id = None
+    hf_model.generation_config.eos_token_id = None
+    folder = tmp_path_factory.mktemp(name)
+    hf_model.save_pretrained(folder)
+    return folder, hf_model
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """name -> (folder, torch model) for every tiny config."""
+    return save_checkpoints(tmp_path_factory, TINY_CONFIGS, build_hf_model)
 
 
 @pytest.fixture(scope="session")

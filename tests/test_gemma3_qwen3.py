@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import steerjax as sj
-from conftest import TINY_VOCAB, rel_err
+from conftest import TINY_VOCAB, randomize_weights, rel_err, save_checkpoints, save_without_eos
 from hf_reference import hf_forward, hf_steering_hook
 from steerjax import cpu_kernels, tail
 from steerjax.models import causal_lm
@@ -60,28 +60,14 @@ def build_model(name: str, seed: int = 0, **overrides):
     config = config_cls(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=96, rms_norm_eps=1e-6,
                         max_position_embeddings=64, attn_implementation="eager", pad_token_id=0, **spec)
     torch.manual_seed(seed)
-    model = model_cls(config).eval()
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if "norm" in pname:
-                p.copy_(0.3 * torch.randn_like(p) if model_type == "gemma3_text" else 1.0 + 0.2 * torch.randn_like(p))
-            elif pname.endswith("bias"):
-                p.copy_(0.2 * torch.randn_like(p))
-            else:
-                p.copy_(torch.randn_like(p) / np.sqrt(p.shape[-1]) * 1.5)
-    return model
+    gemma = model_type == "gemma3_text"
+    return randomize_weights(model_cls(config).eval(), (lambda p: 0.3 * p) if gemma else (lambda p: 1.0 + 0.2 * p))
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """name -> (folder, torch model), saved as float32 safetensors."""
-    out = {}
-    for name in CONFIGS:
-        model = build_model(name)
-        folder = tmp_path_factory.mktemp(name)
-        model.save_pretrained(folder)
-        out[name] = (folder, model)
-    return out
+    return save_checkpoints(tmp_path_factory, CONFIGS, build_model)
 
 
 def padded_batch(seed: int, lengths=(13, 8)):
@@ -256,12 +242,7 @@ def test_gemma3_cached_paths_raise_a_clear_error(checkpoints):
 @pytest.fixture(scope="module")
 def qwen3_no_eos(tmp_path_factory):
     """A tiny Qwen3 without an EOS token, so greedy runs last max_new_tokens on both sides."""
-    hf_model = build_model("qwen3_tied", seed=3)
-    hf_model.config.eos_token_id = None
-    hf_model.generation_config.eos_token_id = None
-    folder = tmp_path_factory.mktemp("qwen3_gen")
-    hf_model.save_pretrained(folder)
-    return folder, hf_model
+    return save_without_eos(tmp_path_factory, build_model("qwen3_tied", seed=3), "qwen3_gen")
 
 
 @pytest.mark.parametrize("kernels", [False, True], ids=["xla-dot", "cpu-decode-kernels"])

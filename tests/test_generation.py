@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import steerjax as sj
-from conftest import build_hf_model, rel_err
+from conftest import build_hf_model, rel_err, save_without_eos
 from steerjax import generation
 from steerjax.generation import generate_pure, row_keys, sample_token
 from steerjax.steering import position_mask
@@ -19,11 +19,7 @@ from steerjax.steering import position_mask
 @pytest.fixture(scope="module")
 def tiny_no_eos(tmp_path_factory):
     """A tiny Llama without an EOS token, so greedy runs always last max_new_tokens on both sides."""
-    hf_model = build_hf_model("llama3_untied_gqa2", seed=3)
-    hf_model.config.eos_token_id = None
-    hf_model.generation_config.eos_token_id = None
-    folder = tmp_path_factory.mktemp("tiny_gen")
-    hf_model.save_pretrained(folder)
+    folder, hf_model = save_without_eos(tmp_path_factory, build_hf_model("llama3_untied_gqa2", seed=3), "tiny_gen")
     return sj.load_model(folder), hf_model
 
 
