@@ -25,7 +25,7 @@ from steerjax.checks import check_positive_int
 from steerjax.errors import InputError
 from steerjax.model import LanguageModel, as_token_batch
 from steerjax.models import causal_lm
-from steerjax.models.config import ModelConfig, require_cached_paths
+from steerjax.models.config import ModelConfig
 from steerjax.models.layers import rope_cos_sin, rope_inv_freq
 from steerjax.steering import Steer, steer_deltas
 
@@ -104,28 +104,46 @@ def layer_matmuls(block_panels: dict, index) -> dict:
                         block_panels)
 
 
+def decode_rope(config: ModelConfig, position, dtype, local: bool = False):
+    """cos, sin (B, 1, h) of the decoded token at RoPE positions (B,): of the global or the local layers."""
+    inv_freq = jnp.asarray(rope_inv_freq(config, local), jnp.promote_types(dtype, jnp.float32))
+    return rope_cos_sin(inv_freq, position[:, None], dtype)
+
+
+def decode_layer_inputs(config: ModelConfig, position, slot, key_mask, dtype):
+    """The global (cos, sin, mask (B, 1, S)) of one decode step and the local layers' `LocalInputs` (None
+    without local layers): a sliding-window layer sees the keys of slots slot - window + 1 .. slot only (a
+    row's real tokens occupy consecutive slots, so slot distance is position distance, as in the prefill's
+    `sliding_window_mask`)."""
+    cos, sin = decode_rope(config, position, dtype)
+    mask = key_mask[:, None, :]
+    if not config.has_local_layers:
+        return cos, sin, mask, None
+    in_window = jnp.arange(key_mask.shape[-1]) > slot - config.sliding_window
+    local_cos, local_sin = decode_rope(config, position, dtype, local=True)
+    return cos, sin, mask, causal_lm.LocalInputs(local_cos, local_sin, mask & in_window[None, None, :])
+
+
 def decode_step(config: ModelConfig, params, token, slot, position, cache_k, cache_v, key_mask, steer_layer, delta,
                 panels=None):
     """Run token (B,) at cache slot `slot` with RoPE position (B,); caches (L, B, S, K, h); key_mask (B, S);
     delta (B, d) steers h_steer_layer; panels: optional `pack_decode_weights(params)`, whose products then
     run in the CPU decode kernel. Returns logits (B, V) and the updated caches."""
-    require_cached_paths(config, GENERATOR_NAME)
     dtype = causal_lm.param_dtype(params)
-    inv_freq = jnp.asarray(rope_inv_freq(config), jnp.promote_types(dtype, jnp.float32))
-    cos, sin = rope_cos_sin(inv_freq, position[:, None], dtype)
-    h = params["embed"][token][:, None, :]
+    inputs = decode_layer_inputs(config, position, slot, key_mask, dtype)
+    h = causal_lm.embed_tokens(config, params, token[:, None])
     delta = delta[:, None, :].astype(dtype)
-    mask = key_mask[:, None, :]
 
     def layer(h, xs):
-        block_params, ck, cv, index = xs
+        block_params, ck, cv, index, is_local = xs
         h = h + causal_lm.steer_at(index, steer_layer, delta)
         matmuls = None if panels is None else layer_matmuls(panels["blocks"], index)
-        h, (ck, cv) = causal_lm.merged_block(config, block_params).decode(h, cos, sin, mask, ck, cv, slot, matmuls)
+        h, (ck, cv) = causal_lm.merged_block(config, block_params).decode(
+            h, *causal_lm.layer_inputs(is_local, *inputs), ck, cv, slot, matmuls)
         return h, (ck, cv)
 
     h, (cache_k, cache_v) = jax.lax.scan(layer, h, (params["blocks"], cache_k, cache_v,
-                                                    jnp.arange(config.num_layers)))
+                                                    jnp.arange(config.num_layers), jnp.asarray(config.local_layers)))
     h = h + causal_lm.steer_at(config.num_layers, steer_layer, delta)
     unembed = None if panels is None or panels["unembed"] is None else functools.partial(
         cpu_kernels.panel_matmul, panels=panels["unembed"], layer=0)
@@ -139,14 +157,13 @@ def generate_pure(config: ModelConfig, params, ids, attention_mask, steer_layer,
     steer_layer int (-1: none); keys (B, 2) PRNG keys; panels: optional `pack_decode_weights(params)`, which
     runs the decode steps' weight products in the CPU kernels (steerjax.cpu_kernels; the caller checks they
     are available). Returns (tokens (B, T+N), mask (B, T+N), logits)."""
-    require_cached_paths(config, GENERATOR_NAME)
     B, T = ids.shape
     S = T + max_new_tokens
     full_mask = jnp.concatenate([attention_mask, jnp.ones((B, max_new_tokens), attention_mask.dtype)], axis=1)
     deltas = steer_deltas(mode, T, full_mask, vector, alpha)  # (B, S, d)
 
-    hidden, keys_cache, values_cache, _, _ = causal_lm.forward_with_cache(config, params, ids, attention_mask,
-                                                                          steer_layer, deltas[:, :T])
+    hidden, keys_cache, values_cache, *_ = causal_lm.forward_with_cache(config, params, ids, attention_mask,
+                                                                        steer_layer, deltas[:, :T])
     last_logits = causal_lm.logits_from_final_hidden(config, params, hidden[-1][:, -1])
     pad = [(0, 0), (0, 0), (0, max_new_tokens), (0, 0), (0, 0)]
     cache_k, cache_v = jnp.pad(keys_cache, pad), jnp.pad(values_cache, pad)
@@ -329,7 +346,6 @@ def generate(lm: LanguageModel, ids, steer: Steer | None = None, max_new_tokens:
     decode_kernels: run decode steps' weight products in steerjax's CPU kernels over a packed copy of the
     weights kept in lm.cache (None: STEERJAX_DECODE_KERNELS=0/1 if set, else wherever `decode_kernels_apply(lm)`;
     True: also past the memory share; False: XLA's dot everywhere). `DECODE_RECORD` counts the path taken."""
-    require_cached_paths(lm.config, GENERATOR_NAME)
     _check_sampling(max_new_tokens, temperature, top_p)
     batch = as_token_batch(ids, attention_mask)
     lm.check_ids(batch)

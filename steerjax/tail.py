@@ -21,7 +21,6 @@ import jax.numpy as jnp
 from steerjax import xla
 from steerjax.model import TokenBatch
 from steerjax.models import causal_lm
-from steerjax.models.config import require_cached_paths
 
 OBSERVABLES = ("logits", "logprobs")
 TAIL_POSITIONS = ("last", "all")
@@ -41,8 +40,9 @@ def default_chunk(positions: str = "last", recompute: bool = False) -> int:
 
 class TailContext(NamedTuple):
     """Unsteered state from which blocks l..L-1 can be re-run, for B prompts (leading axis B).
-    h (B, T, d): h_l at every position; keys, values (B, L - l, T, K, hd); cos, sin (B, T, hd);
-    attention_mask (B, T)."""
+    h (B, T, d): h_l at every position; keys, values (B, L - l, T, K, hd); cos, sin (B, T, hd) of the global
+    layers; attention_mask (B, T); local_cos, local_sin (B, T, hd): the RoPE of sliding-window layers (None
+    when the model has none)."""
 
     h: Any
     keys: Any
@@ -50,16 +50,19 @@ class TailContext(NamedTuple):
     cos: Any
     sin: Any
     attention_mask: Any
+    local_cos: Any = None
+    local_sin: Any = None
 
 
 @functools.partial(xla.jit, static_argnums=(0, 3))
 def tail_context(config, params, batch: TokenBatch, layer: int) -> TailContext:
     """TailContext of a left-padded batch (ids, attention_mask (B, T)) at residual stream h_layer."""
-    require_cached_paths(config, TAIL_NAME)
-    hidden, keys, values, cos, sin = causal_lm.forward_with_cache(config, params, batch.ids, batch.attention_mask)
+    cached = causal_lm.forward_with_cache(config, params, batch.ids, batch.attention_mask)
     to_batch_major = lambda x: jnp.moveaxis(x[layer:], 0, 1)
-    return TailContext(hidden[layer], to_batch_major(keys), to_batch_major(values), cos, sin,
-                       batch.attention_mask)
+    local = cached.local
+    return TailContext(cached.hidden[layer], to_batch_major(cached.keys), to_batch_major(cached.values), cached.cos,
+                       cached.sin, batch.attention_mask, None if local is None else local.cos,
+                       None if local is None else local.sin)
 
 
 def scan_tail(step, h, blocks, num_tail: int, xs=None):
@@ -77,22 +80,39 @@ def scan_tail(step, h, blocks, num_tail: int, xs=None):
     return h
 
 
+def tail_layer_flags(config, num_tail: int) -> jax.Array:
+    """Per tail block (the last num_tail): whether it is a sliding-window (local) layer."""
+    return jnp.asarray(config.local_layers[config.num_layers - num_tail:])
+
+
+def tail_layer_inputs(config, ctx: TailContext, rows: slice, mask) -> tuple:
+    """The (global cos, sin, mask) of ONE prompt's positions `rows` for the tail blocks, and the local layers'
+    `LocalInputs` (None without local layers): mask (1, Tq, T) is the causal mask of those rows, and the local
+    one restricts it to the sliding window."""
+    cos, sin = ctx.cos[None, rows], ctx.sin[None, rows]
+    if not config.has_local_layers:
+        return cos, sin, mask, None
+    window = causal_lm.sliding_window_mask(ctx.attention_mask[None], config.sliding_window)[:, rows]
+    return cos, sin, mask, causal_lm.LocalInputs(ctx.local_cos[None, rows], ctx.local_sin[None, rows], window)
+
+
 def tail_window(config, blocks, ctx: TailContext, x, window: int):
     """h_L (window, d) at the last `window` positions of ONE prompt (ctx without batch axis) with x (d,) added
     to h_l at each of them; blocks (the model's full stack) l..L-1 run on those `window` tokens against the
     cached keys/values of the earlier positions (l = L - ctx.keys.shape[0]). Causal attention makes this exact:
-    no earlier position sees the steer."""
-    require_cached_paths(config, TAIL_NAME)
+    no earlier position sees the steer (sliding-window layers see the keys of their window only)."""
     h = (ctx.h[-window:] + x)[None]
-    mask = causal_lm.causal_mask(ctx.attention_mask[None])[:, -window:]          # (1, window, T)
-    cos, sin = ctx.cos[None, -window:], ctx.sin[None, -window:]
+    rows = slice(-window, None)
+    inputs = tail_layer_inputs(config, ctx, rows, causal_lm.causal_mask(ctx.attention_mask[None])[:, rows])
+    num_tail = ctx.keys.shape[0]
 
-    def step(h, block_params, kv):
-        k, v = kv
+    def step(h, block_params, xs):
+        k, v, is_local = xs
         prefix = (k[None, :-window], v[None, :-window])
-        return causal_lm.apply_block(config, block_params, h, cos, sin, mask, kv_prefix=prefix)[0]
+        return causal_lm.apply_block(config, block_params, h, *causal_lm.layer_inputs(is_local, *inputs),
+                                     kv_prefix=prefix)[0]
 
-    return scan_tail(step, h, blocks, ctx.keys.shape[0], (ctx.keys, ctx.values))[0]
+    return scan_tail(step, h, blocks, num_tail, (ctx.keys, ctx.values, tail_layer_flags(config, num_tail)))[0]
 
 
 def tail_last(config, blocks, ctx: TailContext, x):
@@ -104,14 +124,15 @@ def tail_last(config, blocks, ctx: TailContext, x):
 def tail_full(config, blocks, ctx: TailContext, x, steer_mask):
     """As `tail_last`, but x is added at the positions of steer_mask (T,) and blocks l..L-1 are
     re-run over the whole sequence (no cache)."""
-    require_cached_paths(config, TAIL_NAME)
     h = (ctx.h + steer_mask[:, None].astype(ctx.h.dtype) * x)[None]
-    mask = causal_lm.causal_mask(ctx.attention_mask[None])
+    rows = slice(None)
+    inputs = tail_layer_inputs(config, ctx, rows, causal_lm.causal_mask(ctx.attention_mask[None]))
+    num_tail = ctx.keys.shape[0]
 
-    def step(h, block_params, _):
-        return causal_lm.apply_block(config, block_params, h, ctx.cos[None], ctx.sin[None], mask)[0]
+    def step(h, block_params, is_local):
+        return causal_lm.apply_block(config, block_params, h, *causal_lm.layer_inputs(is_local, *inputs))[0]
 
-    return scan_tail(step, h, blocks, ctx.keys.shape[0])[0, -1]
+    return scan_tail(step, h, blocks, num_tail, tail_layer_flags(config, num_tail))[0, -1]
 
 
 def tail_fn(config, positions: str = "last", recompute: bool = False) -> Callable:
@@ -154,7 +175,6 @@ def steered_observable(config, observable: str = "logits") -> Callable:
     the last prompt token, for aux = (params, ctx) (`JacobianOperator.tail_args()`); the one-token tail, so
     exact and cheap, and differentiable in v; jit-compiled (it also traces inside other transformations). Cached
     per (config, observable): keep the function's identity to reuse compilations that take it (`steerjax.fits`)."""
-    require_cached_paths(config, TAIL_NAME)
 
     def fn(v, aux):
         params, ctx = aux

@@ -1,7 +1,8 @@
 """Gemma 3 (text) and Qwen3 against transformers (PyTorch, eager attention, float32) on tiny random checkpoints:
 logits and every hidden state on a left-padded batch, steering against an HF pre-hook, the sliding-window and
-RoPE conventions, config parsing; Qwen3 also through the KV-cache generator and the one-token Jacobian tail,
-Gemma 3 refused there with a clear error."""
+RoPE conventions, config parsing; both through the KV-cache generator (steered greedy generation past Gemma's
+sliding window against HF generate with the same hook, the four position modes against the full forward) and the
+Jacobian tail (against jax.jacfwd of the full forward, float64)."""
 
 from __future__ import annotations
 
@@ -226,49 +227,94 @@ def test_embedding_scale_is_rounded_like_hf():
     assert float(causal_lm.embed_scale(config, jnp.float32)) == float(np.float32(np.sqrt(2560)))
 
 
-def test_gemma3_cached_paths_raise_a_clear_error(checkpoints):
-    lm = sj.load_model(checkpoints["gemma3_plain"][0])
-    ids = padded_batch(4).ids[1:]
-    with pytest.raises(sj.UnsupportedModelError, match="KV-cache generator .*'gemma3_text'"):
-        sj.generate(lm, ids, max_new_tokens=2)
-    with pytest.raises(sj.UnsupportedModelError, match="steered tail .*'gemma3_text'"):
-        sj.jacobian_operator(lm, ids, layer=1)
-    with pytest.raises(sj.UnsupportedModelError, match="'gemma3_text'"):
-        tail.steered_observable(lm.config, "logits")
-
-
-# ----------------------------------------------------------------------------- Qwen3 cached paths
+# ----------------------------------------------------------------------------- cached paths
 
 @pytest.fixture(scope="module")
-def qwen3_no_eos(tmp_path_factory):
-    """A tiny Qwen3 without an EOS token, so greedy runs last max_new_tokens on both sides."""
-    return save_without_eos(tmp_path_factory, build_model("qwen3_tied", seed=3), "qwen3_gen")
+def no_eos(tmp_path_factory):
+    """A tiny Qwen3 and a tiny Gemma 3 (window 4) without an EOS token, so greedy runs last max_new_tokens on both
+    sides: name -> (folder, torch model)."""
+    return {name: save_without_eos(tmp_path_factory, build_model(name, seed=3), f"{name}_gen")
+            for name in ("qwen3_tied", "gemma3_softcap")}
+
+
+def hf_greedy(hf_model, batch, new_tokens: int):
+    with torch.no_grad():
+        return hf_model.generate(torch.as_tensor(batch.ids, dtype=torch.long), do_sample=False,
+                                 attention_mask=torch.as_tensor(batch.attention_mask, dtype=torch.long),
+                                 max_new_tokens=new_tokens, pad_token_id=0).numpy()
+
+
+@contextlib.contextmanager
+def hf_last_position_hook(hf_model, layer: int, vector):
+    """Adds vector at position -1 of every forward call of block `layer` (prefill: the last prompt token; under the
+    KV cache: each new token), the paper's protocol = positions 'last+generated'."""
+    v = torch.as_tensor(np.asarray(vector, np.float32))
+
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        hidden = torch.cat([hidden[:, :-1], hidden[:, -1:] + v], dim=1)
+        return ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
+
+    handle = hf_model.model.layers[layer].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @pytest.mark.parametrize("kernels", [False, True], ids=["xla-dot", "cpu-decode-kernels"])
-def test_qwen3_greedy_generation_matches_hf_generate(qwen3_no_eos, kernels):
+@pytest.mark.parametrize("name", ["qwen3_tied", "gemma3_softcap"])
+def test_greedy_and_steered_generation_match_hf_generate(no_eos, name, kernels):
+    """Unsteered and steered ('last+generated' = HF's last-position hook) greedy tokens equal HF generate; for
+    Gemma 3 the rows run 4 + 12 and 9 + 12 tokens against a window of 4, so decode passes the window on every
+    local layer. Each decode step's logits also equal the full forward over the final sequence."""
     if kernels and not cpu_kernels.available():
         pytest.skip(f"CPU decode kernels unavailable: {cpu_kernels.unavailable_reason()}")
-    folder, hf_model = qwen3_no_eos
+    folder, hf_model = no_eos[name]
     lm = sj.load_model(folder)
     batch = padded_batch(5, lengths=(4, 9))
-    ours = sj.generate(lm, batch, max_new_tokens=8, decode_kernels=kernels, return_logits=True)
-    with torch.no_grad():
-        ref = hf_model.generate(torch.as_tensor(batch.ids, dtype=torch.long), do_sample=False,
-                                attention_mask=torch.as_tensor(batch.attention_mask, dtype=torch.long),
-                                max_new_tokens=8, pad_token_id=0).numpy()
-    np.testing.assert_array_equal(ours.tokens, ref)
-    # each decode step's logits are the full forward's over the final sequence
+    new = 12
+    plain = sj.generate(lm, batch, max_new_tokens=new, decode_kernels=kernels, return_logits=True)
+    np.testing.assert_array_equal(plain.tokens, hf_greedy(hf_model, batch, new))
     T = batch.ids.shape[1]
-    full = lm.forward(ours.tokens, attention_mask=ours.attention_mask).logits
-    assert rel_err(ours.logits, full[:, T - 1:-1]) <= F32_TOL
+    full = lm.forward(plain.tokens, attention_mask=plain.attention_mask).logits
+    assert rel_err(plain.logits, full[:, T - 1:-1]) <= F32_TOL
+
+    layer = 2
+    v = np.random.default_rng(7).normal(size=lm.d).astype(np.float32)
+    v *= 30.0 / np.linalg.norm(v)  # Gemma's residual stream is scaled by sqrt(d) = 8
+    steered = sj.generate(lm, batch, steer=sj.Steer(layer=layer, vector=v, alpha=1.0, positions="last+generated"),
+                          max_new_tokens=new, decode_kernels=kernels)
+    with hf_last_position_hook(hf_model, layer, v):
+        ref = hf_greedy(hf_model, batch, new)
+    np.testing.assert_array_equal(steered.tokens, ref)
+    assert not np.array_equal(steered.tokens, plain.tokens)  # the steer changed the text
+
+
+@pytest.mark.parametrize("mode", sj.POSITION_MODES)
+def test_gemma3_cached_generation_steers_exactly_the_masked_positions(no_eos, mode):
+    """Every decode step's logits (past the window of 4) equal the full forward over the final sequence with the
+    steering delta at position_mask(mode) (the full forward is the HF-checked one above)."""
+    lm = sj.load_model(no_eos["gemma3_softcap"][0])
+    batch = padded_batch(8, lengths=(3, 7))
+    steer = sj.Steer(layer=1, vector=np.random.default_rng(1).normal(size=lm.d), alpha=2.0, positions=mode)
+    out = sj.generate(lm, batch, steer=steer, max_new_tokens=9, return_logits=True)
+    T = batch.ids.shape[1]
+    full = lm.forward(out.tokens, steer=steer, attention_mask=out.attention_mask, prompt_len=T).logits
+    assert rel_err(out.logits, full[:, T - 1:-1]) <= F32_TOL
+    plain = lm.forward(out.tokens, attention_mask=out.attention_mask).logits
+    steered_slots = np.asarray(position_mask(mode, T, out.attention_mask)).astype(bool)
+    changed = (np.abs(np.asarray(full) - np.asarray(plain)).max(axis=-1) > 1e-4) & out.attention_mask.astype(bool)
+    assert changed[steered_slots].all()  # the steer acts where the mode says
 
 
 @pytest.mark.parametrize("observable", ["logits", "logprobs"])
-def test_qwen3_tail_jacobian_equals_jacfwd_of_the_full_forward(checkpoints, observable):
+@pytest.mark.parametrize("name", ["qwen3_untied_bias", "gemma3_softcap"])
+def test_tail_jacobian_equals_jacfwd_of_the_full_forward(checkpoints, name, observable):
     """The one-token tail (and its recompute cross-check) against jax.jacfwd of the HF-checked full forward,
-    float64, on a padded batch."""
-    lm = sj.load_model(checkpoints["qwen3_untied_bias"][0], dtype="float64")
+    float64, on a padded batch whose rows (6, 9 tokens) pass Gemma's window of 4; the tail runs layers 1..L-1,
+    local and global ones."""
+    lm = sj.load_model(checkpoints[name][0], dtype="float64")
     batch = padded_batch(6, lengths=(6, 9))
     layer = 1
     op = sj.jacobian_operator(lm, batch, layer, observable)
@@ -284,8 +330,29 @@ def test_qwen3_tail_jacobian_equals_jacfwd_of_the_full_forward(checkpoints, obse
             return logits if observable == "logits" else jax.nn.log_softmax(logits)
 
         ref = np.asarray(jax.jacfwd(f)(jnp.zeros(lm.d)))
-        print(f"qwen3 {observable} row {row}: tail vs jacfwd relative error {rel_err(dense[row], ref):.1e}")
+        print(f"{name} {observable} row {row}: tail vs jacfwd relative error {rel_err(dense[row], ref):.1e}")
         assert rel_err(dense[row], ref) <= F64_TOL
     recomputed = np.asarray(sj.jacobian_operator(lm, batch, layer, observable, recompute=True).dense())
-    print(f"qwen3 {observable}: tail vs recompute relative error {rel_err(dense, recomputed):.1e}")
+    print(f"{name} {observable}: tail vs recompute relative error {rel_err(dense, recomputed):.1e}")
     assert rel_err(dense, recomputed) <= F64_TOL
+
+
+def test_gemma3_tail_window_and_all_positions_equal_the_full_forward(checkpoints):
+    """tail_window (the last 3 positions steered, run against cached keys) and tail_full (every real position)
+    equal the full forward with the same deltas, float64, on a row of 9 tokens past the window of 4."""
+    lm = sj.load_model(checkpoints["gemma3_softcap"][0], dtype="float64")
+    batch = padded_batch(9, lengths=(9, 5))
+    layer = 2
+    ctx = tail.tail_context(lm.config, lm.params, batch, layer)
+    x = jnp.asarray(np.random.default_rng(3).normal(size=lm.d))
+    for row in range(2):
+        one = jax.tree.map(lambda a: a[row], ctx)
+        ids, mask = batch.ids[row][None], batch.attention_mask[row][None]
+        window_mask = np.zeros(ids.shape[1])
+        window_mask[-3:] = 1
+        for steer_mask, ours in [
+            (window_mask, tail.tail_window(lm.config, lm.params["blocks"], one, x, 3)[-1]),
+            (np.asarray(mask[0], float), tail.tail_full(lm.config, lm.params["blocks"], one, x, jnp.asarray(mask[0])))]:
+            delta = steer_mask[None, :, None] * x[None, None, :]
+            h = causal_lm.forward(lm.config, lm.params, ids, mask, layer, delta, True)[1][-1][0, -1]
+            assert rel_err(np.asarray(ours), np.asarray(h)) <= F64_TOL

@@ -187,14 +187,27 @@ def forward(config: ModelConfig, params, ids, attention_mask, steer_layer, steer
     return logits, (jnp.concatenate([hidden, h_final[None]], axis=0) if return_hidden else None)
 
 
-def forward_with_cache(config: ModelConfig, params, ids, attention_mask, steer_layer=-1, steer_delta=None):
-    """Pass that also returns what a later pass needs to re-run any tail of blocks or continue decoding:
-    hidden (L + 1, B, T, d), per-layer keys and values (L, B, T, K, h) each, and the global cos/sin (B, T, h)
-    (the cached paths that use them support only architectures without local layers: `require_cached_paths`)."""
+class CachedPass(NamedTuple):
+    """What `forward_with_cache` returns: hidden (L + 1, B, T, d); per-layer keys and values (L, B, T, K, h)
+    each; the global layers' RoPE tables cos, sin (B, T, h); and the local layers' `LocalInputs` (None when
+    every layer is global)."""
+
+    hidden: jax.Array
+    keys: jax.Array
+    values: jax.Array
+    cos: jax.Array
+    sin: jax.Array
+    local: LocalInputs | None
+
+
+def forward_with_cache(config: ModelConfig, params, ids, attention_mask, steer_layer=-1, steer_delta=None
+                       ) -> CachedPass:
+    """Pass that also returns what a later pass needs to re-run any tail of blocks or continue decoding
+    (`CachedPass`)."""
     h, cos, sin, mask, local = embed_inputs(config, params, ids, attention_mask)
     delta = jnp.zeros_like(h) if steer_delta is None else steer_delta.astype(h.dtype)
     h_final, hidden, keys, values = run_blocks(config, params, h, cos, sin, mask, steer_layer, delta, local)
-    return jnp.concatenate([hidden, h_final[None]], axis=0), keys, values, cos, sin
+    return CachedPass(jnp.concatenate([hidden, h_final[None]], axis=0), keys, values, cos, sin, local)
 
 
 @functools.lru_cache(maxsize=None)

@@ -11,9 +11,6 @@ SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "gemma3_text")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 LAYER_TYPES = ("full_attention", "sliding_attention")
-# architectures the KV-cache generator and the one-token Jacobian tail implement (tests/test_gemma3_qwen3.py
-# checks Qwen3 there); Gemma 3's sliding-window layers, local RoPE and scaled embeddings are full-forward only
-CACHED_PATH_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 GEMMA3_DEFAULT_THETA = {"full_attention": 1_000_000.0, "sliding_attention": 10_000.0}
 
 
@@ -93,16 +90,6 @@ class ModelConfig:
         out["rope_local_scaling"] = dict(self.rope_local_scaling)
         out["layer_types"] = list(self.layer_types)
         return out
-
-
-def require_cached_paths(config: ModelConfig, what: str) -> None:
-    """Raise UnsupportedModelError when `what` (the KV-cache generator, the one-token Jacobian tail) does not
-    implement config's architecture."""
-    if config.model_type not in CACHED_PATH_MODEL_TYPES:
-        raise UnsupportedModelError(
-            f"{what} does not support model_type {config.model_type!r} yet (its sliding-window layers, local RoPE "
-            f"and scaled embeddings are implemented for the full-sequence forward only: LanguageModel.forward); "
-            f"it supports {CACHED_PATH_MODEL_TYPES}")
 
 
 def _rope_from_params(params: Mapping[str, Any], default_theta: float) -> tuple[float, tuple[tuple[str, Any], ...]]:
