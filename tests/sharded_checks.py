@@ -27,11 +27,15 @@ import numpy as np
 
 import steerjax as sj
 from conftest import build_hf_model, random_ids, rel_err
+from test_gemma3_qwen3 import CONFIGS as GEMMA3_QWEN3_CONFIGS
+from test_gemma3_qwen3 import build_model as build_gemma3_or_qwen3
 from steerjax.models import causal_lm
 
 # name -> (TINY_CONFIGS entry, overrides): K = 2 kv heads (sharded over model = 2) and K = 1 (replicated)
 MODELS = {"qwen2_gqa4_kv_sharded": ("qwen2_untied_gqa4", {}),
-          "llama3_gqa4_kv_replicated": ("llama3_untied_gqa2", {"num_key_value_heads": 1})}
+          "llama3_gqa4_kv_replicated": ("llama3_untied_gqa2", {"num_key_value_heads": 1}),
+          # sliding window 4 < the 9-token rows, two RoPE bases, softcapping, q/k norms, sandwich norms
+          "gemma3_kv_sharded": ("gemma3_softcap", {})}
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 
 
@@ -137,7 +141,8 @@ def main(workdir: str, full: bool) -> None:
     results = {"devices": len(jax.devices()), "mesh": dict(mesh.shape)}
     for i, (name, (base, overrides)) in enumerate(MODELS.items()):
         folder = Path(workdir) / name
-        build_hf_model(base, **overrides).save_pretrained(folder)
+        build = build_gemma3_or_qwen3 if base in GEMMA3_QWEN3_CONFIGS else build_hf_model
+        build(base, **overrides).save_pretrained(folder)
         results[name] = check_model(folder, mesh, spectral=i == 0, full=full)
     print(json.dumps(results))
 

@@ -7,6 +7,7 @@ Jacobian tail (against jax.jacfwd of the full forward, float64)."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 
@@ -18,7 +19,7 @@ import torch
 
 import steerjax as sj
 from conftest import TINY_VOCAB, randomize_weights, rel_err, save_checkpoints, save_without_eos
-from hf_reference import hf_forward, hf_steering_hook
+from hf_reference import hf_forward, hf_positions, hf_steering_hook
 from steerjax import cpu_kernels, tail
 from steerjax.models import causal_lm
 from steerjax.models.config import config_from_hf
@@ -225,6 +226,28 @@ def test_embedding_scale_is_rounded_like_hf():
                                  scale_embeddings=True)
     assert float(causal_lm.embed_scale(config, jnp.bfloat16)) == 50.5
     assert float(causal_lm.embed_scale(config, jnp.float32)) == float(np.float32(np.sqrt(2560)))
+
+
+@pytest.mark.parametrize("name", ["gemma3_softcap", "qwen3_untied_bias"])
+def test_bf16_model_is_as_accurate_as_transformers_bf16(checkpoints, name):
+    """bf16 weights (float32 accumulation, Gemma's embedding scale rounded to bf16 as HF does): logits against
+    the float32 model no worse than transformers' own bfloat16 model against its float32 one, same prompts."""
+    folder, hf_model = checkpoints[name]
+    lm32, lm16 = sj.load_model(folder), sj.load_model(folder, dtype="bfloat16")
+    batch = padded_batch(10, lengths=(11, 7))
+    real = batch.attention_mask.astype(bool)
+    logits16, logits32 = (np.asarray(m.forward(batch).logits, np.float32) for m in (lm16, lm32))
+    ours = rel_err(logits16[real], logits32[real])
+    ref32 = hf_forward(hf_model, batch.ids, batch.attention_mask)[0]
+    hf16 = copy.deepcopy(hf_model).to(torch.bfloat16)  # a copy: the fixture's model stays float32
+    with torch.no_grad():
+        ref16 = hf16(input_ids=torch.as_tensor(batch.ids, dtype=torch.long),
+                     attention_mask=torch.as_tensor(batch.attention_mask, dtype=torch.long),
+                     position_ids=torch.as_tensor(hf_positions(batch.attention_mask), dtype=torch.long)
+                     ).logits.float().numpy()
+    theirs = rel_err(ref16[real], ref32[real])
+    print(f"{name}: bf16 logits rel. error vs float32: steerjax {ours:.2e}, transformers {theirs:.2e}")
+    assert ours <= 1.5 * theirs + 5e-3  # the bar of test_sharding's Llama / Qwen2 bf16 test
 
 
 # ----------------------------------------------------------------------------- cached paths

@@ -57,7 +57,7 @@ def sharded_results(tmp_path_factory):
 def test_sharded_results_equal_unsharded(sharded_results):
     res = sharded_results
     assert res["devices"] == 4 and res["mesh"] == {"data": 2, "model": 2}
-    for name in ("qwen2_gqa4_kv_sharded", "llama3_gqa4_kv_replicated"):
+    for name in ("qwen2_gqa4_kv_sharded", "llama3_gqa4_kv_replicated", "gemma3_kv_sharded"):
         out = res[name]
         print(name, json.dumps(out["errors"]))
         for check, err in out["errors"].items():
