@@ -39,3 +39,16 @@ def test_results_report_blocks_are_current(page):
     folders = {f for m in report.BLOCK.finditer(text) for f in m.group(3).split()}
     assert folders and all((ROOT / f).is_dir() and f.startswith("docs/results/") for f in folders)
     assert report.update_text(text, ROOT) == text, f"run `python experiments/report.py --update {page}`"
+
+
+NULLSPACE_FILES = sorted((ROOT / "docs" / "data").glob("nullspace_*.json"))
+
+
+@pytest.mark.parametrize("path", NULLSPACE_FILES, ids=lambda p: p.stem)
+def test_readme_nullspace_tables_come_from_committed_files(path):
+    """Each main-job table in the README is what experiments/nullspace.py prints from its committed result file."""
+    nullspace = load_experiment("nullspace")
+    result = json.loads(path.read_text())
+    assert result["complete"], f"{path.name} is an unfinished run"
+    table = nullspace.format_table([nullspace.summary_row(e) for e in result["layers"]])
+    assert table in (ROOT / "README.md").read_text(), f"the table of {path.name} is not in README.md"
