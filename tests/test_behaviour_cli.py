@@ -85,11 +85,21 @@ def test_orthogonal_cli(serve_smollm2, tmp_path, capsys):
     # resume: nothing is regenerated
     assert cli.main(argv) == 0
     assert "resuming: 9 of 9 conditions" in capsys.readouterr().err
-    # another protocol into the same folder is refused (finished work is not overwritten) ...
+    # another protocol into the same folder is refused (finished work is not overwritten; the paper protocol's
+    # run with --fresh is test_orthogonal_cli_paper_protocol, under -m slow)
     assert cli.main([*argv, "--protocol", "paper"]) == 2
     assert "different settings" in capsys.readouterr().err
-    # ... and runs with --fresh: steer layer off by one, prompt scored, no 2v control
-    assert cli.main([*argv, "--protocol", "paper", "--fresh"]) == 0
+
+
+@pytest.mark.slow  # 20 s: a second full tiny run
+def test_orthogonal_cli_paper_protocol(serve_smollm2, tmp_path, capsys):
+    """--protocol paper (over a corrected run's folder, with --fresh): steer layer off by one, prompt scored, no 2v
+    control, the paper's efficacy ratio."""
+    cli = load_experiment("orthogonal")
+    out = tmp_path / "orth"
+    argv = ["--traits", "formality", "--seeds", "2", "--seed-counts", "2", "--no-second-probe", "--out", str(out),
+            *TINY, "--protocol", "paper", "--fresh"]
+    assert cli.main(argv) == 0
     paper = json.loads((out / "orthogonal.json").read_text())
     assert (paper["settings"]["read_layer"], paper["settings"]["steer_layer"]) == (15, 16)
     punits = json.loads((out / "orthogonal_units.json").read_text())
