@@ -32,7 +32,8 @@ import numpy as np
 
 import steerjax as sj
 from steerjax import behaviour, data, identifiability, io, plotting, spectrum, studies
-from steerjax.cli import ArgumentParser, check_trait, fmt, parse_floats, run_cli, run_or_report, wrote
+from steerjax.cli import (ArgumentParser, check_trait, fmt, parse_floats, run_cli, run_or_report, wrote,
+                          MODEL_HELP)
 
 FAMILIES = ("v", "invisible", "random", "visible")
 POINTS = ("v", "v+perp")
@@ -40,7 +41,7 @@ POINTS = ("v", "v+perp")
 
 def parse_args(argv):
     p = ArgumentParser(description=__doc__)
-    p.add_argument("--model", default=None, help="model spec (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--layers", default="5,15,25", help="comma list of layers (default 5,15,25)")
     p.add_argument("--n-train", type=int, default=64, help="training prompts of the invisible subspace (default 64)")
     p.add_argument("--n-heldout", type=int, default=32, help="held-out prompts of the sweep (default 32)")

@@ -34,7 +34,7 @@ import numpy as np
 
 import steerjax as sj
 from steerjax import data, fisher, fits, io, spectrum, stats
-from steerjax.cli import ArgumentParser, fmt, check_trait, run_cli, trait_study, wrote
+from steerjax.cli import ArgumentParser, fmt, check_trait, run_cli, trait_study, wrote, MODEL_HELP
 
 CHECK_KEYS = ("variance_ratio_mean", "variance_ratio_min", "variance_ratio_max", "variance_ratio_sd",
               "whitened_rel_error", "expected_whitened_rel_error", "frobenius_rel_error",
@@ -43,7 +43,7 @@ CHECK_KEYS = ("variance_ratio_mean", "variance_ratio_min", "variance_ratio_max",
 
 def parse_args(argv):
     p = ArgumentParser(description=__doc__)
-    p.add_argument("--model", default=None, help="model spec (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--layer", type=int, default=None, help="steered layer (default L // 2)")
     p.add_argument("--n-prompts", type=int, default=8, help="neutral prompts stacked (default 8)")
     p.add_argument("--trait", default="formality", help="trait whose mean-difference vector plays v*")

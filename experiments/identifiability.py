@@ -28,14 +28,15 @@ import numpy as np
 
 import steerjax as sj
 from steerjax import data, identifiability, io, plotting, spectrum
-from steerjax.cli import ArgumentParser, check_trait, fmt, parse_floats, run_cli, run_or_report, wrote
+from steerjax.cli import (ArgumentParser, check_trait, fmt, parse_floats, run_cli, run_or_report, wrote,
+                          MODEL_HELP)
 from steerjax.extraction import extract_vector
 
 
 
 def parse_args(argv):
     p = ArgumentParser(description=__doc__)
-    p.add_argument("--model", default=None, help="model spec (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--layers", default="5,15,25", help="comma list of layers (default 5,15,25)")
     p.add_argument("--schedule", default="1,2,4,8,16,32,64", help="numbers N of stacked training prompts")
     p.add_argument("--n-heldout", type=int, default=32, help="held-out prompts per split (default 32)")

@@ -40,7 +40,8 @@ from scipy import stats as st
 
 import steerjax as sj
 from steerjax import behaviour, clustered, data, identifiability, io, plotting, sequence, spectrum, stats, studies
-from steerjax.cli import ArgumentParser, check_trait, fmt, fmt_ci, parse_floats, run_cli, run_or_report, wrote
+from steerjax.cli import (ArgumentParser, check_trait, fmt, fmt_ci, parse_floats, run_cli, run_or_report, wrote,
+                          MODEL_HELP)
 from steerjax.extraction import extract_vector
 
 FAMILIES = ("null", "random", "visible")
@@ -49,7 +50,7 @@ POSITIONS = "last+generated"
 
 def parse_args(argv):
     p = ArgumentParser(description=__doc__)
-    p.add_argument("--model", default=None, help="model spec (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--layer", type=int, default=None, help="steered layer (default L // 2, the corrected protocol's)")
     p.add_argument("--trait", default="formality", help="trait whose vector is v and whose probe scores (formality)")
     p.add_argument("--alpha", type=float, default=1.0, help="steering strength (default 1.0, the paper's)")

@@ -27,7 +27,7 @@ import numpy as np
 
 import steerjax as sj
 from steerjax import data, io, linearization, studies, tail
-from steerjax.cli import ArgumentParser, fmt, check_trait, run_cli, trait_study, wrote
+from steerjax.cli import ArgumentParser, fmt, check_trait, run_cli, trait_study, wrote, MODEL_HELP
 from steerjax.tail import OBSERVABLES
 
 DIRECTIONS = ("v", "v+v_null", "v_null", "v_perp")
@@ -35,7 +35,7 @@ DIRECTIONS = ("v", "v+v_null", "v_null", "v_perp")
 
 def parse_args(argv):
     p = ArgumentParser(description=__doc__)
-    p.add_argument("--model", default=None, help="model spec (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--dtype", choices=("float64", "float32"), default="float64",
                    help="model dtype (default float64: the floor of the fit is rounding noise)")
     p.add_argument("--layer", type=int, default=None, help="steered layer (default L // 2)")

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 import steerjax as sj
-from steerjax.cli import ArgumentParser, fmt, parse_floats, parse_traits, run_cli, wrote
+from steerjax.cli import ArgumentParser, fmt, parse_floats, parse_traits, run_cli, wrote, MODEL_HELP
 from steerjax import data, io, stats, studies
 
 KINDS = ("orthogonal", "random", "kernel")          # additive, ||delta|| = ||v||
@@ -36,7 +36,7 @@ ALL_KINDS = KINDS + (PAPER_RANDOM,)
 
 def parse_args(argv):
     p = ArgumentParser(description=__doc__)
-    p.add_argument("--model", default=None, help="model spec (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--protocol", choices=studies.PROTOCOLS, default="corrected")
     p.add_argument("--traits", default="all", help=f"'all' or a comma list of {','.join(data.TRAITS)}")
     p.add_argument("--alphas", default="0.25,1,4", help="steering strengths, comma list (v is the raw "

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 import steerjax as sj
-from steerjax.cli import ArgumentParser, run_cli, wrote
+from steerjax.cli import ArgumentParser, run_cli, wrote, MODEL_HELP
 from steerjax import data, geometry, io, plotting
 from steerjax.extraction import last_token_states_all_layers, vector_from_states
 from steerjax.jacobian import JACOBIAN_POSITIONS, OBSERVABLES
@@ -28,8 +28,7 @@ from steerjax.jacobian import JACOBIAN_POSITIONS, OBSERVABLES
 
 def parse_args(argv):
     p = ArgumentParser(description=__doc__)
-    p.add_argument("--model", default=None, help="HF folder, HF model id in the local cache, or .gguf "
-                                                 "(default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--layers", default="default",
                    help="'default' (every 5th, L/2 and L), 'all', 'mid', or a comma list like 0,6,12")
     p.add_argument("--prompts", default="builtin", help="'builtin', a .txt file (one prompt per line) or a "

@@ -21,14 +21,14 @@ import jax.numpy as jnp
 
 import steerjax as sj
 from steerjax import data, io, spectrum, studies, tail
-from steerjax.cli import ArgumentParser, run_cli, run_or_report, study_layer, wrote
+from steerjax.cli import ArgumentParser, run_cli, run_or_report, study_layer, wrote, MODEL_HELP
 
 DTYPES = {"float32": jnp.float32, "float16": jnp.float16}
 
 
 def parse_args(argv):
     p = ArgumentParser(description=__doc__)
-    p.add_argument("--model", default=None, help="model spec (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--layer", type=int, default=None, help="layer (default L // 2)")
     p.add_argument("--prompt", type=int, default=0, help="index into the shipped neutral eval prompts (default 0)")
     p.add_argument("--n-directions", type=int, default=1000, help="random probe directions (default 1000)")

@@ -27,14 +27,14 @@ import numpy as np
 
 import steerjax as sj
 from steerjax import data, fisher, fits, io, spectrum, stats, studies, tail
-from steerjax.cli import ArgumentParser, fmt, check_trait, run_cli, trait_study, wrote
+from steerjax.cli import ArgumentParser, fmt, check_trait, run_cli, trait_study, wrote, MODEL_HELP
 
 SPLITS = ("logprobs", "fisher")
 
 
 def parse_args(argv):
     p = ArgumentParser(description=__doc__)
-    p.add_argument("--model", default=None, help="model spec (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--layer", type=int, default=None, help="steered layer (default L // 2)")
     p.add_argument("--n-prompts", type=int, default=8, help="largest number of observed prompts (default 8)")
     p.add_argument("--schedule", default=None, help="comma list of N (default: 1 and --n-prompts)")

