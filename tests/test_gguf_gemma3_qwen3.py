@@ -343,17 +343,20 @@ def converted(path: Path):
 
 
 @pytest.fixture
-def smollm2_link(tmp_path):
-    """The embedded SmolLM2 GGUF seen through a symlink in a fresh folder (its tokenizer cache lands there)."""
-    link = tmp_path / "smol.gguf"
+def smollm2_link(tmp_path, monkeypatch):
+    """The embedded SmolLM2 GGUF seen through a symlink in a fresh folder, with a fresh tokenizer cache."""
+    monkeypatch.setenv(loading.TOKENIZER_CACHE_ENV, str(tmp_path / "cache"))
+    (tmp_path / "model").mkdir()
+    link = tmp_path / "model" / "smol.gguf"
     link.symlink_to(loading.default_model_path())
     return link
 
 
-def test_gguf_tokenizer_is_saved_beside_the_file_and_read_back(smollm2_link, monkeypatch):
-    stale = smollm2_link.parent / "smol.gguf.tokenizer-1-2"   # the cache of an earlier version of the file
-    stale.mkdir()
+def test_gguf_tokenizer_is_saved_in_the_cache_and_read_back(smollm2_link, monkeypatch):
     folder = loading._tokenizer_cache_folder(smollm2_link)
+    assert folder.parent == smollm2_link.parents[1] / "cache" / "tokenizers"
+    stale = folder.parent / (folder.name.rsplit("-", 2)[0] + "-1-2")   # the cache of an earlier version of the file
+    stale.mkdir(parents=True)
     assert not folder.exists()
     reference = loading.gguf_tokenizer(smollm2_link)             # converted (no cache yet), then saved
     assert folder.is_dir() and not stale.exists()
@@ -378,11 +381,13 @@ def test_gguf_tokenizer_without_a_writable_folder_converts_each_time(smollm2_lin
     tokenizer = loading.gguf_tokenizer(smollm2_link)
     assert tokenizer("The capital of France is")["input_ids"] == SMOL_IDS
     assert [p.name for p in smollm2_link.parent.iterdir()] == ["smol.gguf"]
+    assert not (smollm2_link.parents[1] / "cache" / "tokenizers").exists() or not any(
+        (smollm2_link.parents[1] / "cache" / "tokenizers").iterdir())
 
 
 def test_a_damaged_tokenizer_cache_is_replaced(smollm2_link):
     folder = loading._tokenizer_cache_folder(smollm2_link)
-    folder.mkdir()
+    folder.mkdir(parents=True)
     (folder / "tokenizer_config.json").write_text("{not json")
     (folder / "tokenizer.json").write_text("{not json")
     tokenizer = loading.gguf_tokenizer(smollm2_link)
@@ -447,6 +452,24 @@ def test_gemma3_270m_logits_match_transformers_gguf_load(gemma, gemma_hf):
     assert max(errors) <= REAL_TOL
 
 
+def test_gemma3_270m_greedy_tokens_match_transformers_generate(gemma, gemma_hf):
+    """Greedy generation through the KV cache, on a left-padded batch of a short prompt and the 601-token one (every
+    decode step of the long row runs its sliding-window layers past the 512-token window): identical tokens."""
+    batch = gemma.tokenize([GEMMA_PROMPTS[0], GEMMA_PROMPTS[2]])
+    started = time.time()
+    ours = sj.generate(gemma, batch, max_new_tokens=10)
+    ours_s = time.time() - started
+    started = time.time()
+    with torch.no_grad():
+        ref = gemma_hf.generate(torch.as_tensor(batch.ids, dtype=torch.long), do_sample=False, max_new_tokens=10,
+                                attention_mask=torch.as_tensor(batch.attention_mask, dtype=torch.long),
+                                pad_token_id=gemma.pad_id).numpy()
+    print(f"\nGemma 3 270M greedy: {sj.generated_texts(gemma, ours)[0]!r}; steerjax {ours_s:.1f} s (with "
+          f"compilation), transformers {time.time() - started:.1f} s")
+    np.testing.assert_array_equal(ours.tokens, ref)
+
+
+@pytest.mark.slow  # 14 s: a fresh conversion of the 262144-token tokenizer (the cache mechanism is tested above)
 def test_gemma3_270m_cached_tokenizer_equals_the_conversion(gemma, gemma_path):
     """The tokenizer steerjax reads from its cache folder encodes as transformers' fresh conversion of the GGUF
     (BOS first, as Gemma expects); a base model: no chat template, so chat=True is refused clearly."""

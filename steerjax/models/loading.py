@@ -388,18 +388,36 @@ def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
     return config, state
 
 
+TOKENIZER_CACHE_ENV = "STEERJAX_CACHE_DIR"
+
+
+def tokenizer_cache_root() -> Path:
+    """Folder of the converted GGUF tokenizers: $STEERJAX_CACHE_DIR/tokenizers, else
+    ${XDG_CACHE_HOME:-~/.cache}/steerjax/tokenizers (never beside the model file: that may be a package's
+    folder)."""
+    base = os.environ.get(TOKENIZER_CACHE_ENV)
+    if not base:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "steerjax"
+    return Path(base).expanduser() / "tokenizers"
+
+
 def _tokenizer_cache_folder(path: Path) -> Path:
-    """Where the converted tokenizer of GGUF file `path` is kept: beside it, keyed by the file's size and mtime."""
+    """Where the converted tokenizer of GGUF file `path` is kept: under `tokenizer_cache_root()`, keyed by the
+    file's name and resolved location, size and mtime (a new version of the file gets a new folder)."""
+    import hashlib
+
     stat = path.stat()
-    return path.parent / f"{path.name}.tokenizer-{stat.st_size}-{stat.st_mtime_ns}"
+    where = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+    return tokenizer_cache_root() / f"{path.name}.{where}-{stat.st_size}-{stat.st_mtime_ns}"
 
 
 def _save_tokenizer_cache(tokenizer, folder: Path) -> None:
     """Save `tokenizer` into `folder` atomically (a temp folder renamed into place) and remove the caches of
     earlier versions of the same file; give up silently where that fails (a read-only folder: the next load
     converts again)."""
-    prefix = folder.name.rsplit("-", 2)[0]  # <file>.tokenizer
+    prefix = folder.name.rsplit("-", 2)[0]  # <file>.<location hash>
     try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     except OSError:
         return
@@ -417,9 +435,8 @@ def _save_tokenizer_cache(tokenizer, folder: Path) -> None:
 
 def gguf_tokenizer(path: Path):
     """The tokenizer of a GGUF file: transformers' conversion of its tokenizer.ggml.* metadata (Gemma 3's 262144
-    tokens take ~14 s to convert), saved on first use into a folder beside the file (`<file>.tokenizer-<size>-
-    <mtime>`) and read back from there afterwards (~2 s); converted afresh when that folder cannot be written or
-    read."""
+    tokens take ~14 s to convert), saved on first use under `tokenizer_cache_root()` and read back from there
+    afterwards (~2 s); converted afresh when that folder cannot be written or read."""
     from transformers import AutoTokenizer
 
     path = Path(path)
