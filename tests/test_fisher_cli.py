@@ -135,6 +135,7 @@ def test_recovery_cli(patched, tmp_path, capsys):
     assert io.strip_volatile(json.loads((out / "recovery.json").read_text())) == io.strip_volatile(result)
 
 
+@pytest.mark.slow  # 21 s; the residuals and slopes: test_linearization (default run)
 def test_linearization_cli(patched, monkeypatch, smollm2_f64, tmp_path, capsys):
     monkeypatch.setattr(sj, "load_model", lambda spec=None, dtype="float64": smollm2_f64)
     cli = load_experiment("linearization")

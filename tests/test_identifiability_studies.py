@@ -66,6 +66,7 @@ def test_first_order_cli(patched, tmp_path, capsys):
     assert again["point=v"]["angles_deg"] == pytest.approx(entry["point=v"]["angles_deg"], abs=1e-6)
 
 
+@pytest.mark.slow  # 22 s; window factors, sequence KL and the Gram route: test_sequence, test_identifiability
 def test_sequence_identifiability_cli(patched, tmp_path, capsys):
     cli = load_experiment("sequence_identifiability")
     out = tmp_path / "seq"

@@ -77,6 +77,7 @@ def test_exact_run_writes_contract_json_plots_and_resumes(cli, tmp_path, capsys,
     assert {e["layer"]: e["seconds"] for e in resumed["layers"] if e["layer"] != 28} == first_seconds
 
 
+@pytest.mark.slow  # 18 s; Lanczos against the dense spectrum on model Jacobians: test_lanczos (default run)
 def test_lanczos_run_matches_exact_top_k(cli, tmp_path):
     exact_dir, lanczos_dir = tmp_path / "exact", tmp_path / "lanczos"
     common = ["--layers", "30", "--n-prompts", "3"]

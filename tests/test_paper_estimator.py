@@ -44,6 +44,7 @@ def test_estimator_on_known_spectra():
     assert rounded(1.0).rank > d and rounded(30.0).rank == 0
 
 
+@pytest.mark.slow  # 17 s; the estimator itself: test_estimator_on_known_spectra (default run)
 def test_paper_estimator_cli(monkeypatch, smollm2, tmp_path, capsys):
     monkeypatch.setattr(sj, "load_model", lambda spec=None, dtype="float32": smollm2)
     cli = load_experiment("paper_estimator")
