@@ -236,7 +236,7 @@ def _dtype(dtype: str | Any):
 
 
 def load_model(spec: str | os.PathLike | None = None, dtype: str = "float32", cache_dir=None) -> LanguageModel:
-    """Load a Llama, Qwen2, Qwen3 or Gemma 3 (text) checkpoint.
+    """Load a Llama, Qwen2, Qwen3 or Gemma 3 checkpoint (of a multimodal Gemma 3, its text decoder: no images).
 
     spec: a local HF folder (config.json + model.safetensors or a sharded index), a HF model id found
     in the local HF cache (`cache_dir` or the default; never downloaded), a `.gguf` file, a name in

@@ -13,12 +13,18 @@ def hf_positions(mask: np.ndarray) -> np.ndarray:
     return np.maximum(np.cumsum(mask, axis=-1) - 1, 0)
 
 
+def text_decoder(model):
+    """The decoder stack (.layers, .norm) of a causal LM, or of the language model of a multimodal one
+    (Gemma3ForConditionalGeneration: model.model.language_model)."""
+    return getattr(model.model, "language_model", model.model)
+
+
 @contextlib.contextmanager
 def hf_steering_hook(model, layer: int, vector, alpha: float, position_mask: np.ndarray):
     """Forward-pre-hook adding alpha * v at the masked positions (B, T) to the input of block `layer`
     (or of the final norm when layer == L), the way steering libraries hook HF models."""
-    layers = model.model.layers
-    target = layers[layer] if layer < len(layers) else model.model.norm
+    decoder = text_decoder(model)
+    target = decoder.layers[layer] if layer < len(decoder.layers) else decoder.norm
 
     def hook(module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -40,7 +46,7 @@ def hf_forward(model, ids: np.ndarray, mask: np.ndarray | None = None):
     """(logits (B, T, V), hidden tuple of L + 1 (B, T, d), final-norm input (B, T, d)) as numpy."""
     mask = np.ones_like(ids) if mask is None else mask
     captured = {}
-    handle = model.model.norm.register_forward_pre_hook(lambda m, args: captured.setdefault("h_L", args[0]))
+    handle = text_decoder(model).norm.register_forward_pre_hook(lambda m, args: captured.setdefault("h_L", args[0]))
     try:
         with torch.no_grad():
             out = model(input_ids=torch.as_tensor(ids, dtype=torch.long),

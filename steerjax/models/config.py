@@ -12,6 +12,11 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 GEMMA3_DEFAULT_THETA = {"full_attention": 1_000_000.0, "sliding_attention": 10_000.0}
+# transformers' Gemma3TextConfig defaults (5.25) of the keys config_from_hf needs and has no default for; they fill
+# what the text_config of a multimodal gemma3 config.json leaves out
+GEMMA3_TEXT_DEFAULTS = {"vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+                        "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
+                        "max_position_embeddings": 131_072, "sliding_window": 4096}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,13 +199,44 @@ def _eos(value: Any) -> int | tuple[int, ...] | None:
     return None if value is None else int(value)
 
 
-def config_from_hf(raw: Mapping[str, Any]) -> ModelConfig:
-    """Build a ModelConfig from a parsed HF `config.json` dict."""
-    model_type = raw.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        hint = " (for Gemma 3 load a text-only gemma3_text checkpoint)" if model_type == "gemma3" else ""
+def gemma3_text_raw_config(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """The gemma3_text config.json dict of the text decoder of a multimodal Gemma 3 config (model_type "gemma3",
+    transformers' Gemma3Config): its `text_config`, keys it leaves out filled as transformers fills them.
+
+    - Gemma3TextConfig's defaults (GEMMA3_TEXT_DEFAULTS; the Hub's gemma-3-4b/12b/27b text_configs name only a
+      few keys), the token ids (bos / eos / pad) from the top level where text_config lacks them (the Hub's files
+      put eos_token_id [1, 106] there);
+    - tie_word_embeddings from the top level (default true): transformers ties Gemma3ForConditionalGeneration's
+      lm_head by Gemma3Config.tie_word_embeddings, whatever text_config says;
+    - final_logit_softcapping None: Gemma3ForConditionalGeneration (transformers 5.25) never soft-caps its logits
+      (only Gemma3ForCausalLM does)."""
+    text = raw.get("text_config")
+    if not isinstance(text, Mapping):
         raise UnsupportedModelError(
-            f"unsupported model_type {model_type!r}; steerjax supports {SUPPORTED_MODEL_TYPES}{hint}"
+            "multimodal Gemma 3 config.json (model_type 'gemma3') has no text_config: steerjax loads the text "
+            "decoder of a Gemma3ForConditionalGeneration checkpoint and reads its architecture from text_config"
+        )
+    if text.get("model_type", "gemma3_text") != "gemma3_text":
+        raise UnsupportedModelError(f"Gemma 3 text_config has model_type {text['model_type']!r}, expected "
+                                    f"'gemma3_text'")
+    top_level = {key: raw[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id") if key in raw}
+    return {**GEMMA3_TEXT_DEFAULTS, **top_level, **text, "model_type": "gemma3_text",
+            "tie_word_embeddings": raw.get("tie_word_embeddings", True), "final_logit_softcapping": None}
+
+
+def config_from_hf(raw: Mapping[str, Any]) -> ModelConfig:
+    """Build a ModelConfig from a parsed HF `config.json` dict.
+
+    A multimodal Gemma 3 config (model_type "gemma3", Gemma3ForConditionalGeneration) gives the gemma3_text
+    ModelConfig of its text decoder (see gemma3_text_raw_config): steerjax runs text only, images (the vision
+    tower and projector) are not supported."""
+    model_type = raw.get("model_type")
+    if model_type == "gemma3":
+        return config_from_hf(gemma3_text_raw_config(raw))
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"unsupported model_type {model_type!r}; steerjax supports {SUPPORTED_MODEL_TYPES} and the text "
+            f"decoder of multimodal 'gemma3'"
         )
     missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                            "num_attention_heads") if k not in raw]

@@ -2,7 +2,8 @@
 (never the network), GGUF file (dequantized), or a named model shipped as a pip package (`NAMED_MODELS`).
 Produces a ModelConfig and a parameter pytree.
 
-Loaders first build a `state`: HF tensor names -> arrays in HF layout ((out, in) matrices); then
+Loaders first build a `state`: HF tensor names -> arrays in HF layout ((out, in) matrices; a multimodal Gemma 3
+checkpoint's text-decoder tensors renamed to gemma3_text names, see `gemma3_text_state`); then
 `params_from_hf_state` checks every name and shape and builds the stacked pytree of causal_lm.py.
 Pickled checkpoints (.bin / .pt) are never read.
 """
@@ -170,8 +171,9 @@ def safetensors_files(folder: Path) -> list[Path]:
     raise WeightError(f"{folder} has no model.safetensors or model.safetensors.index.json{hint}")
 
 
-def read_safetensors(files: list[Path]) -> dict[str, Any]:
-    """All tensors of the files, name -> array (jax arrays, so bfloat16 is kept)."""
+def read_safetensors(files: list[Path], keep: Callable[[str], bool] | None = None) -> dict[str, Any]:
+    """The tensors of the files (those whose name `keep` accepts, when given), name -> array (jax arrays, so
+    bfloat16 is kept)."""
     from safetensors import safe_open
 
     state: dict[str, Any] = {}
@@ -179,15 +181,60 @@ def read_safetensors(files: list[Path]) -> dict[str, Any]:
         try:
             with safe_open(str(file), framework="flax") as f:
                 for name in f.keys():
-                    state[name] = f.get_tensor(name)
+                    if keep is None or keep(name):
+                        state[name] = f.get_tensor(name)
         except Exception as err:  # safetensors raises its own error types for corrupt or truncated files
             raise WeightError(f"cannot read safetensors file {file}: {err}") from err
     return state
 
 
 def read_hf_folder(folder: Path) -> tuple[ModelConfig, dict[str, Any]]:
-    config = config_from_hf(read_hf_config(folder))
-    return config, read_safetensors(safetensors_files(folder))
+    """Config and HF-named tensors of a HF folder. A multimodal Gemma 3 checkpoint (model_type "gemma3") gives its
+    text decoder: the tensors of gemma3_text_name, renamed, checked here so that errors name the file's tensors."""
+    raw = read_hf_config(folder)
+    config = config_from_hf(raw)
+    if raw.get("model_type") != "gemma3":
+        return config, read_safetensors(safetensors_files(folder))
+    original = read_safetensors(safetensors_files(folder), keep=lambda name: gemma3_text_name(name) is not None)
+    hub_names = any(name.startswith("language_model.") for name in original)
+    state = gemma3_text_state(original)
+    check_state(config, state, shown=lambda name: gemma3_checkpoint_name(name, hub_names))
+    return config, state
+
+
+# ----------------------------------------------------------------------------- multimodal Gemma 3
+
+# prefix of a text-decoder tensor in a Gemma3ForConditionalGeneration checkpoint -> prefix of its gemma3_text name:
+# the Hub's names (older transformers; transformers 5.25's save_pretrained writes them too) and the module names of
+# transformers 5 (its conversion mapping renames the former to the latter on load). Vision tower and projector
+# tensors ((model.)vision_tower.*, (model.)multi_modal_projector.*) match none and are dropped.
+GEMMA3_TEXT_PREFIXES = {
+    "language_model.model.": "model.",
+    "language_model.lm_head.": "lm_head.",
+    "model.language_model.": "model.",
+    "lm_head.": "lm_head.",
+}
+
+
+def gemma3_text_name(name: str) -> str | None:
+    """gemma3_text name (model.layers.{i}..., model.embed_tokens / norm, lm_head) of tensor `name` of a multimodal
+    Gemma 3 checkpoint, or None for a tensor that is not the text decoder's."""
+    for prefix, target in GEMMA3_TEXT_PREFIXES.items():
+        if name.startswith(prefix):
+            return target + name[len(prefix):]
+    return None
+
+
+def gemma3_text_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    """The text decoder's tensors of a multimodal Gemma 3 state dict, under gemma3_text names (others dropped)."""
+    return {new: value for name, value in state.items() if (new := gemma3_text_name(name)) is not None}
+
+
+def gemma3_checkpoint_name(name: str, hub_names: bool) -> str:
+    """The multimodal checkpoint's name of gemma3_text tensor `name`, in the Hub's scheme or transformers 5's."""
+    if name.startswith("lm_head."):
+        return f"language_model.{name}" if hub_names else name
+    return ("language_model.model." if hub_names else "model.language_model.") + name.removeprefix("model.")
 
 
 # ----------------------------------------------------------------------------- GGUF
@@ -500,14 +547,14 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_state(config: ModelConfig, state: Mapping[str, Any]) -> None:
-    """Raise WeightError naming missing tensors or shape mismatches."""
+def check_state(config: ModelConfig, state: Mapping[str, Any], shown: Callable[[str], str] = str) -> None:
+    """Raise WeightError naming missing tensors or shape mismatches (each name as `shown` writes it)."""
     expected = expected_shapes(config)
-    missing = [name for name in expected if name not in state]
+    missing = [shown(name) for name in expected if name not in state]
     if missing:
-        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
-        raise WeightError(f"checkpoint is missing {len(missing)} weight tensor(s): {shown}")
-    wrong = [f"{name}: checkpoint {tuple(state[name].shape)} vs config {shape}"
+        listed = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise WeightError(f"checkpoint is missing {len(missing)} weight tensor(s): {listed}")
+    wrong = [f"{shown(name)}: checkpoint {tuple(state[name].shape)} vs config {shape}"
              for name, shape in expected.items() if tuple(state[name].shape) != shape]
     if wrong:
         raise WeightError("weight shapes do not match config.json: " + "; ".join(wrong[:8]))
