@@ -32,7 +32,7 @@ def test_identifiability_page_tables_come_from_committed_files(script, name):
         assert block in page, f"{name}: a table of `python experiments/{script}.py --report` is not in the page"
 
 
-@pytest.mark.parametrize("page", ["docs/results.md", "README.md"])
+@pytest.mark.parametrize("page", ["docs/results.md", "README.md", "docs/models.md"])
 def test_results_report_blocks_are_current(page):
     report = load_experiment("report")
     text = (ROOT / page).read_text()
