@@ -11,6 +11,8 @@ from steerjax.sharding import make_mesh
 from steerjax.version import __version__
 from steerjax.models.config import ModelConfig
 from steerjax.steering import POSITION_MODES, Steer
+from steerjax.control_vectors import (export_control_vector, export_steering_vectors, import_control_vector,
+                                      import_steering_vectors, peer_layer_from_steerjax, steerjax_layer_from_peer)
 
 
 __all__ = [
@@ -19,4 +21,6 @@ __all__ = [
     "POSITION_MODES",
     "Steer", "SteeringError", "SteerjaxError", "TokenBatch", "UnsupportedModelError", "WeightError",
     "load_model", "load_sharded", "make_mesh", "shard_model", "__version__",
+    "export_control_vector", "export_steering_vectors", "import_control_vector", "import_steering_vectors",
+    "peer_layer_from_steerjax", "steerjax_layer_from_peer",
 ]

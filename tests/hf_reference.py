@@ -56,3 +56,21 @@ def hf_forward(model, ids: np.ndarray, mask: np.ndarray | None = None):
     finally:
         handle.remove()
     return (out.logits.numpy(), [h.numpy() for h in out.hidden_states], captured["h_L"].numpy())
+
+
+@contextlib.contextmanager
+def hf_output_hook(model, block: int, vector):
+    """Forward hook adding v at every position to the OUTPUT of decoder block `block` (its first element when the
+    block returns a tuple), the way repeng's ControlModule and steering-vectors' decoder_block hook do."""
+    target = text_decoder(model).layers[block]
+
+    def hook(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        hidden = hidden + torch.as_tensor(np.array(vector), dtype=hidden.dtype)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    handle = target.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()

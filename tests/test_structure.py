@@ -17,6 +17,7 @@ PACKAGE = ROOT / "steerjax"
 LAYERS = {
     "steerjax.errors": 0, "steerjax.version": 0, "steerjax.xla": 0, "steerjax.blas": 0,
     "steerjax.checks": 1, "steerjax.models.config": 1, "steerjax.data": 1,
+    "steerjax.control_vectors": 2,
     "steerjax.models.layers": 2, "steerjax.models.loading": 2,
     "steerjax.models.causal_lm": 3, "steerjax.models": 3,
     "steerjax.cpu_kernels": 4, "steerjax.spectrum": 4, "steerjax.lanczos": 4, "steerjax.stats": 4,
@@ -29,6 +30,7 @@ LAYERS = {
     "steerjax.sequence": 9,
     "steerjax.behaviour": 10, "steerjax.cli": 10,
     "steerjax": 11,
+    "steerjax.console": 12,
 }
 
 
