@@ -52,3 +52,15 @@ def test_readme_nullspace_tables_come_from_committed_files(path):
     assert result["complete"], f"{path.name} is an unfinished run"
     table = nullspace.format_table([nullspace.summary_row(e) for e in result["layers"]])
     assert table in (ROOT / "README.md").read_text(), f"the table of {path.name} is not in README.md"
+
+
+PRINTED_TABLES = [("fisher_cramer_rao", "fisher_cramer_rao_gemma3_270m_quick.json"),
+                  ("linearization", "linearization_gemma3_270m_quick.json")]
+
+
+@pytest.mark.parametrize("script,name", PRINTED_TABLES)
+def test_models_page_tables_come_from_committed_files(script, name, capsys):
+    """docs/models.md shows what each script's print_tables prints from its committed file."""
+    load_experiment(script).print_tables(json.loads((ROOT / "docs" / "data" / name).read_text()))
+    printed = capsys.readouterr().out.rstrip("\n")
+    assert printed in (ROOT / "docs" / "models.md").read_text(), f"the tables of {name} are not in docs/models.md"
