@@ -78,9 +78,16 @@ def run(args) -> dict:
              "null_fraction_over_d": 1 - exact_rank / lm.d,
              "null_fraction_paper_formula": 1 - exact_rank / args.n_directions}]
     for name in args.dtypes:
-        est = studies.paper_null_space_estimate(probe_fn(lm, batch, layer, DTYPES[name]), lm.d, args.n_directions,
-                                                args.eps, args.threshold, args.seed)
-        rows.append({"method": f"paper estimator, {name} model", "rank": est.rank,
+        method = f"paper estimator, {name} model"
+        try:
+            est = studies.paper_null_space_estimate(probe_fn(lm, batch, layer, DTYPES[name]), lm.d, args.n_directions,
+                                                    args.eps, args.threshold, args.seed)
+        except sj.NonFiniteError as err:  # e.g. a float16 model whose activations overflow: recorded, not fatal
+            print(f"note: {method}: {err}", file=sys.stderr)
+            rows.append({"method": method, "rank": None, "null_fraction_over_d": None,
+                         "null_fraction_paper_formula": None, "failed": str(err)})
+            continue
+        rows.append({"method": method, "rank": est.rank,
                      "null_fraction_over_d": 1 - est.rank / lm.d, "null_fraction_paper_formula": est.null_fraction,
                      "probe_singular_values_top8": est.singular_values[:8]})
     result = {"model": lm.source, "model_name": Path(lm.source).name, "d": lm.d, "layer": layer, "prompt": prompt,
@@ -101,6 +108,9 @@ def print_table(result: dict) -> None:
           f"below {result['paper_formula_floor']:.3f}")
     print(f"{'method':<58} {'rank':>5} {'null frac (rank/d)':>18} {'paper formula':>13}")
     for r in result["rows"]:
+        if r["rank"] is None:
+            print(f"{r['method']:<58} {'-':>5} {'not finite':>18} {'-':>13}")
+            continue
         print(f"{r['method']:<58} {r['rank']:>5} {r['null_fraction_over_d']:>18.3f} "
               f"{r['null_fraction_paper_formula']:>13.3f}")
 
@@ -113,6 +123,9 @@ def markdown(result: dict) -> str:
              "| layer | method | rank | null fraction (d - rank) / d | paper's formula 1 - rank / "
              f"{s['n_directions']} |", "|---|---|---|---|---|"]
     for r in result["rows"]:
+        if r["rank"] is None:
+            lines.append(f"| {result['layer']} | {r['method']} | - | not finite (outputs overflow) | - |")
+            continue
         lines.append(f"| {result['layer']} | {r['method']} | {r['rank']} | {r['null_fraction_over_d']:.3f} | "
                      f"{r['null_fraction_paper_formula']:.3f} |")
     return "\n".join(lines)

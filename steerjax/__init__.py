@@ -1,6 +1,6 @@
 """steerjax: exact Jacobian geometry of activation steering in transformer LMs (JAX / Flax)."""
 
-from steerjax.errors import (InputError, ModelNotFoundError, SteeringError, SteerjaxError,
+from steerjax.errors import (InputError, ModelNotFoundError, NonFiniteError, SteeringError, SteerjaxError,
                              UnsupportedModelError, WeightError)
 from steerjax.model import ForwardOutput, LanguageModel, TokenBatch, load_model
 from steerjax.jacobian import JacobianOperator, jacobian, jacobian_operator
@@ -18,7 +18,7 @@ from steerjax.control_vectors import (export_control_vector, export_steering_vec
 __all__ = [
     "ForwardOutput", "extract_vector", "GenerationOutput", "generate", "generated_texts", "InputError",
     "JacobianOperator", "jacobian", "jacobian_operator", "LanguageModel", "ModelConfig", "ModelNotFoundError",
-    "POSITION_MODES",
+    "NonFiniteError", "POSITION_MODES",
     "Steer", "SteeringError", "SteerjaxError", "TokenBatch", "UnsupportedModelError", "WeightError",
     "load_model", "load_sharded", "make_mesh", "shard_model", "__version__",
     "export_control_vector", "export_steering_vectors", "import_control_vector", "import_steering_vectors",

@@ -23,3 +23,7 @@ class SteeringError(SteerjaxError):
 
 class InputError(SteerjaxError):
     """Token ids, masks or prompts are malformed."""
+
+
+class NonFiniteError(SteerjaxError):
+    """A computation produced inf or NaN (e.g. a float16 model whose activations overflow)."""

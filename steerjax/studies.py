@@ -13,7 +13,7 @@ from typing import NamedTuple
 import numpy as np
 
 from steerjax.checks import check_int, check_positive_int
-from steerjax.errors import InputError, SteeringError
+from steerjax.errors import InputError, NonFiniteError, SteeringError
 from steerjax.model import LanguageModel, TokenBatch, as_token_batch
 from steerjax.steering import Steer
 
@@ -202,6 +202,11 @@ def paper_null_space_estimate(fn, d: int, n_directions: int = 1000, eps: float =
     for start in range(0, n_directions, chunk):
         block = r[start:start + chunk]
         rows.append((np.asarray(fn(eps * block), np.float64) - np.asarray(fn(-eps * block), np.float64)) / (2 * eps))
-    s = np.linalg.svd(np.concatenate(rows), compute_uv=False)
+    probes = np.concatenate(rows)
+    if not np.all(np.isfinite(probes)):
+        raise NonFiniteError(f"{int(np.sum(~np.all(np.isfinite(probes), axis=1)))} of {n_directions} probe rows are "
+                             f"not finite: the outputs overflowed in the probed precision (float16 overflows past "
+                             f"65504; Gemma 3's residual stream reaches tens of thousands)")
+    s = np.linalg.svd(probes, compute_uv=False)
     rank = int(np.sum(s > threshold * s[0])) if s[0] > 0 else 0
     return PaperNullSpaceEstimate(s, rank, 1.0 - rank / n_directions, n_directions)

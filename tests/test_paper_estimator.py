@@ -42,6 +42,24 @@ def test_estimator_on_known_spectra():
         return studies.paper_null_space_estimate(lambda x: (x @ low_rank.T + offset).astype(np.float16), d,
                                                  n_directions=n, seed=1)
     assert rounded(1.0).rank > d and rounded(30.0).rank == 0
+    # outputs past float16's range (Gemma 3's residual stream) are inf: a clear error, not an SVD failure
+    with pytest.raises(sj.NonFiniteError, match="not finite.*overflow"):
+        studies.paper_null_space_estimate(lambda x: (x @ low_rank.T * 1e8).astype(np.float16), d, n_directions=n)
+
+
+def test_a_non_finite_row_is_reported_not_fatal(capsys):
+    """A dtype whose probes overflow is a table row saying so (the file keeps the message)."""
+    paper_estimator = load_experiment("paper_estimator")
+    result = {"model_name": "m", "layer": 9, "prompt": "p", "paper_formula_floor": 0.36,
+              "settings": {"threshold": 0.05, "n_directions": 1000},
+              "rows": [{"method": "exact", "rank": 600, "null_fraction_over_d": 0.0625,
+                        "null_fraction_paper_formula": 0.4},
+                       {"method": "paper estimator, float16 model", "rank": None, "null_fraction_over_d": None,
+                        "null_fraction_paper_formula": None, "failed": "overflow"}]}
+    paper_estimator.report(result)
+    out = capsys.readouterr().out
+    assert "not finite" in out
+    assert "| 9 | paper estimator, float16 model | - | not finite (outputs overflow) | - |" in out
 
 
 @pytest.mark.slow  # 17 s; the estimator itself: test_estimator_on_known_spectra (default run)
