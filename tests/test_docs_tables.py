@@ -64,3 +64,10 @@ def test_models_page_tables_come_from_committed_files(script, name, capsys):
     load_experiment(script).print_tables(json.loads((ROOT / "docs" / "data" / name).read_text()))
     printed = capsys.readouterr().out.rstrip("\n")
     assert printed in (ROOT / "docs" / "models.md").read_text(), f"the tables of {name} are not in docs/models.md"
+
+
+@pytest.mark.parametrize("script,name", [("identifiability", "identifiability_gemma3_270m.json")])
+def test_models_page_study_tables_come_from_committed_files(script, name):
+    """docs/models.md holds each Gemma study's --report markdown of its committed file."""
+    table = load_experiment(script).markdown(json.loads((ROOT / "docs" / "data" / name).read_text()))
+    assert table in (ROOT / "docs" / "models.md").read_text(), f"{name}: its --report table is not in docs/models.md"
