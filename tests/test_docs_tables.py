@@ -66,7 +66,8 @@ def test_models_page_tables_come_from_committed_files(script, name, capsys):
     assert printed in (ROOT / "docs" / "models.md").read_text(), f"the tables of {name} are not in docs/models.md"
 
 
-@pytest.mark.parametrize("script,name", [("identifiability", "identifiability_gemma3_270m.json")])
+@pytest.mark.parametrize("script,name", [("identifiability", "identifiability_gemma3_270m.json"),
+                                         ("paper_estimator", "paper_estimator_gemma3_270m_layer9.json")])
 def test_models_page_study_tables_come_from_committed_files(script, name):
     """docs/models.md holds each Gemma study's --report markdown of its committed file."""
     table = load_experiment(script).markdown(json.loads((ROOT / "docs" / "data" / name).read_text()))
