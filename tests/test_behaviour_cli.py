@@ -25,6 +25,7 @@ def scores(units, key, trait, field="generated"):
     return np.array(units["units"][key]["scores"][trait][field])
 
 
+@pytest.mark.slow  # 54 s; the shared pipeline runs end to end in test_scale_invariance_cli (default run)
 def test_orthogonal_cli(serve_smollm2, tmp_path, capsys):
     cli = load_experiment("orthogonal")
     out = tmp_path / "orth"

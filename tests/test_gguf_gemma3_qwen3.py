@@ -427,11 +427,13 @@ def gemma_hf(gemma_path):
     return model
 
 
+@pytest.mark.slow  # with the module's transformers load of the same GGUF: 90 s of the default run (-m slow)
 def test_gemma3_270m_config_equals_transformers_reading(gemma, gemma_hf):
     assert (gemma.num_layers, gemma.d, gemma.config.vocab_size, gemma.config.sliding_window) == (18, 640, 262144, 512)
     assert config_from_hf(gemma_hf.config.to_dict()) == gemma.config
 
 
+@pytest.mark.slow  # with the module's transformers load of the same GGUF: 90 s of the default run (-m slow)
 def test_gemma3_270m_logits_match_transformers_gguf_load(gemma, gemma_hf):
     """Three prompts, one longer than the 512-token sliding window; one forward per prompt on each side, every
     position compared."""
@@ -452,6 +454,7 @@ def test_gemma3_270m_logits_match_transformers_gguf_load(gemma, gemma_hf):
     assert max(errors) <= REAL_TOL
 
 
+@pytest.mark.slow  # with the module's transformers load of the same GGUF: 90 s of the default run (-m slow)
 def test_gemma3_270m_greedy_tokens_match_transformers_generate(gemma, gemma_hf):
     """Greedy generation through the KV cache, on a left-padded batch of a short prompt and the 601-token one (every
     decode step of the long row runs its sliding-window layers past the 512-token window): identical tokens."""

@@ -66,6 +66,7 @@ def test_invisible_basis_and_held_out_kls():
     assert identifiability.first_below([1, 2], [0.9, 0.7]) is None
 
 
+@pytest.mark.slow  # 38 s; its computations are unit-tested above and in test_identifiability_studies
 def test_identifiability_cli(monkeypatch, smollm2, tmp_path, capsys):
     """Tiny run on SmolLM2 (layer 28, N up to 4, 4 held-out prompts, 2 splits): outputs, the recomputed ratio,
     exact KL close to the second-order one at this small steer, and resume after a lost unit."""
