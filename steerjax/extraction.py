@@ -10,7 +10,7 @@ from steerjax.checks import check_layer
 from steerjax.errors import InputError, SteeringError
 from steerjax.model import LanguageModel
 
-EXTRACTION_METHODS = ("mean_diff", "pca")
+EXTRACTION_METHODS = ("mean_diff", "pca", "pca_centered")
 
 
 def last_token_states_all_layers(lm: LanguageModel, prompts: Sequence[str], chat: bool = False) -> np.ndarray:
@@ -26,17 +26,30 @@ def last_token_states(lm: LanguageModel, prompts: Sequence[str], layer: int, cha
 
 def vector_from_states(pos: np.ndarray, neg: np.ndarray, method: str = "mean_diff") -> np.ndarray:
     """Steering vector (d,) from positive / negative activations (N, d).
-    mean_diff: mean(pos) - mean(neg). pca: first principal direction of the paired differences
-    pos_i - neg_i (uncentred, as repeng), signed and scaled to the mean difference's projection on it."""
+    mean_diff: mean(pos) - mean(neg).
+    pca: first principal direction of the paired differences D_i = pos_i - neg_i, uncentred (steering-vectors'
+    `pca_aggregator`), signed and scaled to the mean difference's projection on it.
+    pca_centered: first principal direction of D - mean(D), centred as repeng's `pca_diff` (scikit-learn's PCA),
+    signed as repeng signs it (the sign under which most pairs project higher on the positive side) and scaled to
+    |projection of the mean difference| (repeng returns it at unit norm)."""
     if method not in EXTRACTION_METHODS:
         raise InputError(f"unknown extraction method {method!r}; choose one of {EXTRACTION_METHODS}")
     mean_diff = pos.mean(axis=0) - neg.mean(axis=0)
     if method == "mean_diff":
         return mean_diff
     if pos.shape != neg.shape:
-        raise InputError(f"pca extraction needs paired prompts, got {len(pos)} positive and {len(neg)} negative")
-    direction = np.linalg.svd(pos - neg, full_matrices=False)[2][0]
-    return direction * (direction @ mean_diff)
+        raise InputError(f"{method} extraction needs paired prompts, got {len(pos)} positive and {len(neg)} negative")
+    diffs = pos - neg
+    if method == "pca":
+        direction = np.linalg.svd(diffs, full_matrices=False)[2][0]
+        return direction * (direction @ mean_diff)
+    if len(diffs) < 2:
+        raise InputError("pca_centered extraction needs at least two pairs (one centred difference is zero)")
+    direction = np.linalg.svd(diffs - diffs.mean(axis=0), full_matrices=False)[2][0]
+    higher = np.mean(pos @ direction > neg @ direction)
+    if higher < np.mean(pos @ direction < neg @ direction):
+        direction = -direction
+    return direction * abs(direction @ mean_diff)
 
 
 def extract_vector(lm: LanguageModel, pos_prompts: Sequence[str], neg_prompts: Sequence[str], layer: int,
