@@ -186,6 +186,15 @@ def export_control_vector(path: str | os.PathLike, vectors: Mapping[int, Any], m
     return _atomic_write(path, write)
 
 
+def _check_imported(path, name: str, values: np.ndarray, d: int | None) -> int:
+    """Raise InputError when an imported vector's size differs from the others' (d) or it holds NaN/inf; its size."""
+    if d is not None and values.shape[0] != d:
+        raise InputError(f"{path}: tensor {name} has d = {values.shape[0]}, the others d = {d}")
+    if not np.all(np.isfinite(values)):
+        raise InputError(f"{path}: tensor {name} has {int(np.sum(~np.isfinite(values)))} NaN/inf entries")
+    return values.shape[0]
+
+
 def import_control_vector(path: str | os.PathLike) -> dict[int, np.ndarray]:
     """{steerjax layer: (d,) float32} of a llama.cpp / repeng control-vector GGUF: tensor `direction.i` becomes
     h_(i+1) (`steerjax_layer_from_peer`; repeng may write direction.0, read as h_1). Other tensors are ignored, as
@@ -213,11 +222,7 @@ def import_control_vector(path: str | os.PathLike) -> dict[int, np.ndarray]:
         if tensor.tensor_type != gguf.GGMLQuantizationType.F32 or values.ndim != 1:
             raise InputError(f"{path}: tensor {tensor.name} must be 1-D F32 (as llama.cpp requires), got "
                              f"{tensor.tensor_type.name} of shape {values.shape}")
-        if d is not None and values.shape[0] != d:
-            raise InputError(f"{path}: tensor {tensor.name} has d = {values.shape[0]}, the others d = {d}")
-        if not np.all(np.isfinite(values)):
-            raise InputError(f"{path}: tensor {tensor.name} has {int(np.sum(~np.isfinite(values)))} NaN/inf entries")
-        d = values.shape[0]
+        d = _check_imported(path, tensor.name, values, d)
         vectors[steerjax_layer_from_peer(int(match.group(1)))] = np.array(values, np.float32)
     if not vectors:
         raise InputError(f"{path} holds no direction.<i> tensors")
@@ -265,10 +270,6 @@ def import_steering_vectors(path: str | os.PathLike) -> dict[int, np.ndarray]:
         if v.ndim != 1 or v.size == 0 or not np.issubdtype(v.dtype, np.floating):
             raise InputError(f"{path}: tensor {key!r} must be a non-empty 1-D float vector, got shape {v.shape} and "
                              f"dtype {v.dtype}")
-        if d is not None and v.shape[0] != d:
-            raise InputError(f"{path}: tensor {key!r} has d = {v.shape[0]}, the others d = {d}")
-        if not np.all(np.isfinite(v)):
-            raise InputError(f"{path}: tensor {key!r} has {int(np.sum(~np.isfinite(v)))} NaN/inf entries")
-        d = v.shape[0]
+        d = _check_imported(path, repr(key), v, d)
         vectors[steerjax_layer_from_peer(int(key))] = v.astype(np.float64 if v.dtype == np.float64 else np.float32)
     return dict(sorted(vectors.items()))
