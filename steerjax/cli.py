@@ -4,14 +4,18 @@ the arguments and start (`trait_study`) every study shares, number formatting, a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from steerjax import data, io, studies
 from steerjax.checks import check_layer
@@ -48,18 +52,76 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def run_cli(parse_args: Callable[[Any], Any], run: Callable[[Any], Any], argv=None) -> int:
     """Parse argv, run, and turn a SteerjaxError into `error: ...` on stderr with exit code 2 (an OSError,
-    e.g. an unwritable --out or a full disk, into `error: ...` with exit code 1)."""
+    e.g. an unwritable --out or a full disk, into `error: ...` with exit code 1), and Ctrl-C or SIGTERM into one
+    line saying what was saved and how to resume, with exit code 128 + the signal (130 for Ctrl-C, 143 for
+    SIGTERM)."""
     args = parse_args(argv)
     show_library_log()
+    io.forget_saved()
+    started = time.time()
     try:
-        run(args)
+        with signals_raise_interrupted():
+            run(args)
     except SteerjaxError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except OSError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except (Interrupted, KeyboardInterrupt) as stop:
+        signum = stop.signum if isinstance(stop, Interrupted) else signal.SIGINT
+        close_progress_bars()
+        print(interrupted_message(signal.Signals(signum).name, time.time() - started, io.saved_work()),
+              file=sys.stderr)
+        return 128 + signum
     return 0
+
+
+class Interrupted(BaseException):
+    """Raised in the main thread by SIGINT or SIGTERM while a script runs (a BaseException, like
+    KeyboardInterrupt, so that `except Exception` in library code never swallows it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def signals_raise_interrupted():
+    """SIGINT and SIGTERM raise `Interrupted` inside the block (the previous handlers come back after it).
+    Outside the main thread, where Python cannot install handlers, only Ctrl-C's KeyboardInterrupt applies."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_interrupted(signum, frame):
+        raise Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, raise_interrupted) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def interrupted_message(signal_name: str, seconds: float, saved: Sequence[io.SavedWork]) -> str:
+    """The one line an interrupted run prints: the signal, what is saved where, and how to go on."""
+    head = f"interrupted by {signal_name} after {seconds:.0f} s"
+    resumable = [w for w in saved if w.resumable]
+    if resumable:
+        where = "; ".join(f"{w.what} saved in {w.path}" for w in resumable)
+        return f"{head}: {where}; run the same command again to resume from there (--fresh starts over)"
+    if saved:
+        return (f"{head}: wrote {', '.join(w.path for w in saved)}; this script does not resume, so running the "
+                f"same command again starts over")
+    return f"{head}, before any result was saved; run the same command again to start over"
+
+
+def close_progress_bars() -> None:
+    """End any open tqdm bar's line, so the interrupted message starts on a line of its own."""
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 def run_or_report(run: Callable[[Any], Any], report: Callable[[dict], None]) -> Callable[[Any], Any]:

@@ -12,7 +12,7 @@ import sys
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax
 import jax
@@ -55,6 +55,33 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if str(path) not in _SAVED:
+        record_saved(path, "results so far", resumable=False)
+
+
+class SavedWork(NamedTuple):
+    """A file a run has written so far: what it holds, and whether rerunning the same command resumes from it."""
+    path: str
+    what: str
+    resumable: bool
+
+
+_SAVED: dict[str, SavedWork] = {}
+
+
+def record_saved(path: str | os.PathLike, what: str, resumable: bool) -> None:
+    """Note that `path` now holds `what` (e.g. "3 finished units"), for the message of an interrupted run."""
+    _SAVED[str(path)] = SavedWork(str(path), what, resumable)
+
+
+def saved_work() -> list[SavedWork]:
+    """The files written since the last `forget_saved()`, resumable ones first."""
+    return sorted(_SAVED.values(), key=lambda w: not w.resumable)
+
+
+def forget_saved() -> None:
+    """Start a new run's record of saved files."""
+    _SAVED.clear()
 
 
 def read_json(path: str | os.PathLike) -> Any | None:
@@ -151,6 +178,11 @@ class UnitStore:
                              f"overwrite it, or choose another --out")
         self.units: dict[str, Any] = dict(previous["units"]) if previous is not None else {}
         self.resumed = len(self.units)
+        if self.units:
+            self._record()
+
+    def _record(self) -> None:
+        record_saved(self.path, f"{len(self.units)} finished unit(s)", resumable=True)
 
     def __contains__(self, key: str) -> bool:
         return key in self.units
@@ -164,6 +196,7 @@ class UnitStore:
     def put(self, key: str, unit: Any) -> None:
         self.units[key] = _normalised(unit)
         write_json_atomic(self.path, {"settings": self.settings, "units": self.units, "meta": self.meta})
+        self._record()
 
 
 def write_csv(rows: list[dict], path: str | os.PathLike) -> None:
