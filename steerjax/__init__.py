@@ -11,6 +11,7 @@ from steerjax.sharding import make_mesh
 from steerjax.version import __version__
 from steerjax.models.config import ModelConfig
 from steerjax.steering import POSITION_MODES, Steer
+from steerjax.strength import calibrate_alpha, layer_profile, steering_kl
 from steerjax.control_vectors import (export_control_vector, export_steering_vectors, import_control_vector,
                                       import_steering_vectors, peer_layer_from_steerjax, steerjax_layer_from_peer)
 
@@ -22,5 +23,5 @@ __all__ = [
     "Steer", "SteeringError", "SteerjaxError", "TokenBatch", "UnsupportedModelError", "WeightError",
     "load_model", "load_sharded", "make_mesh", "shard_model", "__version__",
     "export_control_vector", "export_steering_vectors", "import_control_vector", "import_steering_vectors",
-    "peer_layer_from_steerjax", "steerjax_layer_from_peer",
+    "peer_layer_from_steerjax", "steerjax_layer_from_peer", "calibrate_alpha", "layer_profile", "steering_kl",
 ]

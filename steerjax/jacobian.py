@@ -298,6 +298,12 @@ class JacobianOperator:
         """Next-token probabilities at the last position at the operator's point (B, V)."""
         return self._call(self.fns.probs)
 
+    def value_at(self, at):
+        """Observable at the last position (B, V) at the point h_layer + at instead of the operator's own point
+        (at (d,) or (B, d), added at the operator's steered positions): exact forward passes of the tail, e.g.
+        for the KL of finite steers (`steerjax.strength`)."""
+        return self.fns.value(self.lm.params, self.ctx, self.lm.to_device(self._point_array(at)))
+
     def matvec(self, v):
         v = jnp.asarray(v, self.lm.dtype)
         v = jnp.broadcast_to(v, (self.num_prompts, self.lm.d)) if v.ndim == 1 else v

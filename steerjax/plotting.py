@@ -169,3 +169,24 @@ def plot_invisible_steering(result: dict, path: Path) -> None:
     fig.suptitle(f"{result['model_name']}: steering v rotated toward invisible, random and visible directions "
                  f"(layer {s['layer']}, alpha = {s['alpha']:g}; hollow: v + ||v|| u)", fontsize=9)
     save_figure(fig, path)
+
+
+def plot_layer_profile(rows: list[dict], path: Path, title: str = "") -> None:
+    """`strength.layer_profile` rows against layer: ||v|| / median ||h_l||, the KL per unit alpha^2, the alpha of the
+    target KL, and the share of ||v||^2 in the prompts' invisible subspace."""
+    xs = [r["layer"] for r in rows]
+    fig, axes = plt.subplots(2, 2, figsize=(9, 6), sharex=True)
+    panels = [("norm_ratio", "||v|| / median ||h_l||", "linear"),
+              ("kl_per_alpha_sq", "second-order KL per alpha^2 (nats)", "log"),
+              ("alpha", f"alpha for KL = {rows[0]['target_kl']:g} nats (exact)", "log"),
+              ("invisible_share", "share of ||v||^2 in the invisible subspace", "linear")]
+    for ax, (key, label, scale) in zip(axes.flat, panels):
+        ax.plot(xs, [r[key] for r in rows], marker="o")
+        if key == "alpha":
+            ax.plot(xs, [r["second_order_alpha"] for r in rows], marker="x", ls="--", label="second order")
+            ax.legend(fontsize=7)
+        ax.set(ylabel=label, yscale=scale)
+    for ax in axes[1]:
+        ax.set_xlabel("layer l")
+    fig.suptitle(title or "Layer profile of a steering vector")
+    save_figure(fig, path)

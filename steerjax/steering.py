@@ -78,8 +78,8 @@ def position_mask(mode: str, prompt_len: int, attention_mask) -> jnp.ndarray:
 def steer_deltas(mode: str, prompt_len: int, attention_mask, vector, alpha) -> jnp.ndarray:
     """The one lowering of a steer to arrays: per-position deltas (B, S, d) = alpha * position_mask(...)
     outer vector, for vector (d,) (every row) or (B, d) (one per row). Pure jnp: vmaps over vector and alpha."""
-    mask = position_mask(mode, prompt_len, attention_mask)
     vector = jnp.asarray(vector)
+    mask = position_mask(mode, prompt_len, attention_mask).astype(vector.dtype)   # alpha in the vector's precision
     return alpha * mask[..., None] * (vector[:, None, :] if vector.ndim == 2 else vector[None, None, :])
 
 
