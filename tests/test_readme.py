@@ -24,6 +24,7 @@ def test_readme_python_examples_run(smollm2, monkeypatch, tmp_path):
         exec(compile(block, str(README), "exec"), namespace)
     assert namespace["scores"].shape == (8,)
     assert namespace["out"].logits.shape[0] == 2
+    assert namespace["alpha"] > 0 and len(namespace["text"]) == 1 and namespace["text"][0]
     assert set(sj.import_control_vector(tmp_path / "formality.gguf")) == {15}
 
 
