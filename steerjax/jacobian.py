@@ -413,7 +413,7 @@ class JacobianOperator:
         restricted to the final-norm output is E_i M_i with orthonormal-column E_i (r = d for logits, the
         same R for every prompt; d + 1 for log-probs and d for fisher, from the probabilities at the point; see
         `observable_factor`)."""
-        reduction = unembedding_reduction(self.lm)
+        reduction = None if self.observable == "fisher" else unembedding_reduction(self.lm)   # fisher needs no QR
         count = self.num_prompts if prompts is None else len(prompts)
         if self.observable == "logits":
             return np.broadcast_to(reduction["R"], (count, *reduction["R"].shape))
