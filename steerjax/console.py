@@ -131,13 +131,11 @@ def model_info(lm) -> dict[str, Any]:
     c = lm.config
     leaves = jax.tree.leaves(lm.params)
     dtype = np.dtype(lm.dtype)
-    V, d = c.vocab_size, c.hidden_size
-    gram_size = np.dtype(GRAM_DTYPE).itemsize
     return {
         "source": lm.source,
-        "model_type": c.model_type, "num_layers": c.num_layers, "d": d, "num_heads": c.num_heads,
+        "model_type": c.model_type, "num_layers": c.num_layers, "d": c.hidden_size, "num_heads": c.num_heads,
         "num_kv_heads": c.num_kv_heads, "head_dim": c.head_dim, "intermediate_size": c.intermediate_size,
-        "vocab_size": V, "max_position_embeddings": c.max_position_embeddings,
+        "vocab_size": c.vocab_size, "max_position_embeddings": c.max_position_embeddings,
         "layer_types": list(c.layer_types) or ["full_attention"] * c.num_layers,
         "sliding_window": c.sliding_window if c.has_local_layers else None,
         "tie_word_embeddings": c.tie_word_embeddings,
@@ -145,14 +143,43 @@ def model_info(lm) -> dict[str, Any]:
         "parameter_bytes": int(sum(x.size * x.dtype.itemsize for x in leaves)),
         "weight_files": [{"path": f, "bytes": os.path.getsize(f) if os.path.isfile(f) else None}
                          for f in lm.weight_files],
-        "exact_jacobian_per_prompt": {
-            "dense_jacobian": {"shape": [V, d], "dtype": dtype.name, "bytes": V * d * dtype.itemsize,
-                               "formula": f"V x d x {dtype.itemsize} B"},
-            "gram": {"shape": [d, d], "dtype": GRAM_DTYPE, "bytes": d * d * gram_size,
-                     "formula": f"d x d x {gram_size} B"},
-        },
+        "exact_jacobian_per_prompt": exact_route_memory(c.hidden_size, c.vocab_size, dtype),
         "config": c.to_dict(),
     }
+
+
+def exact_route_memory(d: int, vocab_size: int, dtype) -> dict[str, dict[str, Any]]:
+    """Per prompt, the memory of the exact Jacobian route's arrays for hidden size d, vocabulary V and model dtype
+    `dtype`: the dense observable Jacobian J (V x d in the model dtype; `JacobianOperator.dense`, a device array)
+    and the d x d float64 factor / Gram J^T J the exact spectra come from (`JacobianOperator.factors`, formed by
+    NumPy in host memory). `model_info` reports it as "exact_jacobian_per_prompt"."""
+    dtype, gram_size = np.dtype(dtype), np.dtype(GRAM_DTYPE).itemsize
+    V, d = int(vocab_size), int(d)
+    return {
+        "dense_jacobian": {"shape": [V, d], "dtype": dtype.name, "bytes": V * d * dtype.itemsize,
+                           "formula": f"V x d x {dtype.itemsize} B"},
+        "gram": {"shape": [d, d], "dtype": GRAM_DTYPE, "bytes": d * d * gram_size,
+                 "formula": f"d x d x {gram_size} B"},
+    }
+
+
+# (model, d, V) of the README's table "Memory of the exact route on an accelerator"
+EXACT_ROUTE_MODELS = (("Llama 3.2 1B", 2048, 128256), ("Llama 3.1 8B", 4096, 128256),
+                      ("Llama 3.1 70B", 8192, 128256))
+EXACT_ROUTE_DTYPES = ("bfloat16", "float32")
+
+
+def exact_route_memory_table(models=EXACT_ROUTE_MODELS, dtypes=EXACT_ROUTE_DTYPES) -> str:
+    """The README's markdown table of `exact_route_memory` per prompt for (model, d, V) rows: the dense J in each
+    model dtype and the float64 d x d factor. Print it with
+    `python -c "from steerjax import console; print(console.exact_route_memory_table())"`."""
+    head = ["model", "d", "V", *(f"dense J (V x d), {name}" for name in dtypes), "d x d factor, float64 (host)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, d, V in models:
+        memory = [exact_route_memory(d, V, dtype) for dtype in dtypes]
+        cells = [*(m["dense_jacobian"]["bytes"] for m in memory), memory[0]["gram"]["bytes"]]
+        lines.append("| " + " | ".join([name, str(d), str(V), *map(format_bytes, cells)]) + " |")
+    return "\n".join(lines)
 
 
 def info_lines(info: dict[str, Any]) -> list[str]:

@@ -282,10 +282,13 @@ def decode_path(lm: LanguageModel, decode_kernels: bool | None = None) -> str:
     choice = decode_kernels_setting() if decode_kernels is None else bool(decode_kernels)
     if choice is None:
         return DECODE_PATHS[0] if decode_kernels_apply(lm) else DECODE_PATHS[1]
-    if choice and not (decode_kernels_possible(lm) and cpu_kernels.available()):
+    possible = bool(choice) and decode_kernels_possible(lm)
+    if choice and not (possible and cpu_kernels.available()):
+        platforms = ", ".join(sorted({device.platform for device in lm.params["embed"].devices()}))
+        kernels = (cpu_kernels.unavailable_reason() or "built") if possible else "not built"  # never built off CPU
         raise InputError("the CPU decode kernels (decode_kernels=True or STEERJAX_DECODE_KERNELS=1) need an unsharded "
-                         f"float32 / bfloat16 model on the CPU backend and built kernels (model: {lm.dtype.name}, "
-                         f"sharded: {lm.mesh is not None}, kernels: {cpu_kernels.unavailable_reason() or 'built'})")
+                         f"float32 / bfloat16 model on the CPU backend and built kernels (model: {lm.dtype.name} on "
+                         f"{platforms}, sharded: {lm.mesh is not None}, kernels: {kernels})")
     return DECODE_PATHS[0] if choice else DECODE_PATHS[1]
 
 

@@ -276,6 +276,17 @@ def shard_model(lm: LanguageModel, mesh) -> LanguageModel:
 def load_sharded(spec, mesh, dtype: str = "bfloat16", cache_dir=None) -> LanguageModel:
     """load_model onto host memory (the CPU device), then place every parameter on the mesh: no single
     accelerator ever holds the whole model. Peak host memory is about twice the checkpoint."""
-    with jax.default_device(jax.devices("cpu")[0]):
+    with jax.default_device(host_device()):
         lm = load_model(spec, dtype=dtype, cache_dir=cache_dir)
     return lm.shard(mesh)
+
+
+def host_device():
+    """JAX's first CPU device, where `load_sharded` stages the weights; an InputError when the CPU backend is off
+    (JAX_PLATFORMS without cpu), which jax reports only as an unknown backend."""
+    try:
+        return jax.devices("cpu")[0]
+    except RuntimeError as err:
+        raise InputError("load_sharded stages the weights on JAX's CPU device, but the CPU backend is not enabled "
+                         f"(JAX_PLATFORMS={os.environ.get('JAX_PLATFORMS')!r}): keep cpu in the list, e.g. "
+                         "JAX_PLATFORMS=cuda,cpu, or leave it unset") from err
