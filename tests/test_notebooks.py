@@ -32,10 +32,11 @@ def refresh_module():
 
 
 def cell_outputs(cell) -> tuple[str, int]:
-    """(the cell's text output: streams and text/plain results, figures: the number of image outputs)."""
+    """(the cell's text output: stdout and text/plain results, figures: the number of image outputs). stderr is
+    left out: it holds library warnings with local paths, not results."""
     text, figures = [], 0
     for out in cell.get("outputs", []):
-        if out["output_type"] == "stream":
+        if out["output_type"] == "stream" and out["name"] == "stdout":
             text.append(out["text"])
         elif out["output_type"] in ("execute_result", "display_data"):
             figures += "image/png" in out["data"]
