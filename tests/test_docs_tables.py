@@ -55,7 +55,8 @@ def test_readme_nullspace_tables_come_from_committed_files(path):
 
 
 PRINTED_TABLES = [("fisher_cramer_rao", "fisher_cramer_rao_gemma3_270m_quick.json"),
-                  ("linearization", "linearization_gemma3_270m_quick.json")]
+                  ("linearization", "linearization_gemma3_270m_quick.json"),
+                  ("recovery", "recovery_gemma3_270m_quick.json")]
 
 
 @pytest.mark.parametrize("script,name", PRINTED_TABLES)
@@ -67,7 +68,9 @@ def test_models_page_tables_come_from_committed_files(script, name, capsys):
 
 
 @pytest.mark.parametrize("script,name", [("identifiability", "identifiability_gemma3_270m.json"),
-                                         ("paper_estimator", "paper_estimator_gemma3_270m_layer9.json")])
+                                         ("paper_estimator", "paper_estimator_gemma3_270m_layer9.json"),
+                                         ("first_order", "first_order_gemma3_270m.json"),
+                                         ("sequence_identifiability", "sequence_identifiability_gemma3_270m.json")])
 def test_models_page_study_tables_come_from_committed_files(script, name):
     """docs/models.md holds each Gemma study's --report markdown of its committed file."""
     table = load_experiment(script).markdown(json.loads((ROOT / "docs" / "data" / name).read_text()))
