@@ -137,6 +137,26 @@ def smollm2_hf():
                                                 attn_implementation="eager", dtype=torch.float32).eval()
 
 
+@pytest.fixture(scope="session")
+def tiny_llama_with_smollm2_tokenizer(tmp_path_factory):
+    """A 3-block random Llama (d = 32) with the embedded SmolLM2's tokenizer and vocabulary size, so the
+    scripts' prompts tokenize (up to 128 tokens) and a script runs on it in seconds."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    import torch
+
+    from steerjax.models.loading import default_model_path, gguf_tokenizer
+
+    tokenizer = gguf_tokenizer(default_model_path())
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                         attn_implementation="eager", pad_token_id=0, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny_with_tokenizer")
+    randomize_weights(LlamaForCausalLM(config).eval()).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def load_experiment(name: str):
     """Import experiments/<name>.py as a module (the scripts are not a package)."""
     import importlib.util

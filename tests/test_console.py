@@ -197,3 +197,16 @@ def test_info_of_the_embedded_model(monkeypatch, smollm2, capsys):
     assert info["parameters"] == sum(x.size for x in jax.tree.leaves(smollm2.params))
     assert info["exact_jacobian_per_prompt"]["dense_jacobian"]["bytes"] == 49152 * 576 * 4
     assert info["weight_files"][0]["path"].endswith(".gguf")
+
+
+def test_a_quick_run_through_the_console(tiny_llama_with_smollm2_tokenizer, tmp_path, capsys):
+    """`steerjax linearization --quick` (issue 24: one --quick run in the tests) on the tiny model: the preset's
+    design is recorded and the slopes it prints are the first-order residual's (2 within fitting error)."""
+    argv = ["--quick", "--model", str(tiny_llama_with_smollm2_tokenizer), "--k-smallest", "8", "--out", str(tmp_path)]
+    code, out, _ = call(["linearization", *argv], capsys)
+    assert code == 0 and "wrote " in out
+    result = json.loads((tmp_path / "linearization.json").read_text())
+    assert result["settings"]["quick"] is True and result["meta"]["argv"] == ["steerjax linearization", *argv]
+    summary = result["summary"]
+    assert set(summary) == {"v", "v+v_null", "v_null", "v_perp"}
+    assert all(abs(row[key] - 2) < 0.05 for row in summary.values() for key in ("slope_min", "slope_max"))

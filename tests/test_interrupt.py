@@ -11,33 +11,11 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 from steerjax import cli, io
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LAYERS = "1,2,3"
-
-
-@pytest.fixture(scope="module")
-def tiny_model_with_tokenizer(tmp_path_factory):
-    """A 3-block random Llama (d = 32) with the embedded SmolLM2's tokenizer and vocabulary size, so the
-    scripts' prompts tokenize and every layer of nullspace.py takes a fraction of a second."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    import torch
-
-    from conftest import randomize_weights
-    from steerjax.models.loading import default_model_path, gguf_tokenizer
-
-    tokenizer = gguf_tokenizer(default_model_path())
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
-                         attn_implementation="eager", pad_token_id=0, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny_with_tokenizer")
-    randomize_weights(LlamaForCausalLM(config).eval()).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def start(folder: Path, out: Path) -> subprocess.Popen:
@@ -54,12 +32,12 @@ def finished_layers(path: Path) -> int:
         return 0
 
 
-def test_an_interrupted_run_says_what_was_saved_and_resumes(tiny_model_with_tokenizer, tmp_path):
+def test_an_interrupted_run_says_what_was_saved_and_resumes(tiny_llama_with_smollm2_tokenizer, tmp_path):
     """SIGINT (Ctrl-C) after the first saved layer; SIGTERM takes the same handler (tested in-process below)."""
     signum = signal.SIGINT
     out = tmp_path / "run"
     json_path = out / "nullspace.json"
-    proc = start(tiny_model_with_tokenizer, out)
+    proc = start(tiny_llama_with_smollm2_tokenizer, out)
     deadline = time.time() + 240
     while finished_layers(json_path) == 0 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -75,7 +53,7 @@ def test_an_interrupted_run_says_what_was_saved_and_resumes(tiny_model_with_toke
     assert "Traceback" not in err
     assert json.loads(json_path.read_text())["complete"] is False
 
-    rerun = start(tiny_model_with_tokenizer, out)
+    rerun = start(tiny_llama_with_smollm2_tokenizer, out)
     _, err = rerun.communicate(timeout=240)
     assert rerun.returncode == 0, err[-2000:]
     assert f"resuming: {saved} finished layer(s) found in {json_path}" in err
