@@ -70,7 +70,8 @@ def test_models_page_tables_come_from_committed_files(script, name, capsys):
 @pytest.mark.parametrize("script,name", [("identifiability", "identifiability_gemma3_270m.json"),
                                          ("paper_estimator", "paper_estimator_gemma3_270m_layer9.json"),
                                          ("first_order", "first_order_gemma3_270m.json"),
-                                         ("sequence_identifiability", "sequence_identifiability_gemma3_270m.json")])
+                                         ("sequence_identifiability", "sequence_identifiability_gemma3_270m.json"),
+                                         ("invisible_steering", "invisible_steering_gemma3_270m.json")])
 def test_models_page_study_tables_come_from_committed_files(script, name):
     """docs/models.md holds each Gemma study's --report markdown of its committed file."""
     table = load_experiment(script).markdown(json.loads((ROOT / "docs" / "data" / name).read_text()))
