@@ -94,7 +94,6 @@ class KLProbe:
         self.vector = steering_vector(lm, vector)
         self.op = JacobianOperator(lm, prompt_batch(lm, prompts), layer, observable="fisher",
                                    positions=tail_positions(positions))
-        self.batch = self.op.batch
         self.base = np.asarray(self.op.value(), np.float64)                        # (B, V) log-probs
         whitened = np.asarray(self.op.matvec(self.vector), np.float64)             # (B, V) J_F v
         self.q = 0.5 * np.sum(whitened**2, axis=-1)                                # (B,)
