@@ -28,7 +28,7 @@ LAYERS = {
     "steerjax.jacobian": 8, "steerjax.fits": 8, "steerjax.linearization": 8, "steerjax.io": 8,
     "steerjax.geometry": 9, "steerjax.probes": 9, "steerjax.studies": 9, "steerjax.identifiability": 9,
     "steerjax.sequence": 9,
-    "steerjax.behaviour": 10, "steerjax.cli": 10,
+    "steerjax.behaviour": 10, "steerjax.cli": 10, "steerjax.strength": 10,
     "steerjax": 11,
     "steerjax.console": 12,
 }
