@@ -114,6 +114,7 @@ def test_invisible_steering_directions():
     assert cos == pytest.approx(np.cos(np.radians(30)))
 
 
+@pytest.mark.slow  # 33-72 s; its statistics: test_clustered, its KL: test_sequence, its directions: below
 def test_invisible_steering_cli(patched, tmp_path, capsys):
     cli = load_experiment("invisible_steering")
     out = tmp_path / "inv"

@@ -154,6 +154,7 @@ def test_steered_last_logits_matches_forward(smollm2):
 
 # ----------------------------------------------------------------------------- CLI
 
+@pytest.mark.slow  # 23-32 s; the directions and steered logits it uses are tested above
 def test_cli_end_to_end(cli, tmp_path, capsys, monkeypatch):
     from steerjax import data
 
