@@ -147,6 +147,11 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def record_finished_layers(json_path: Path, result: dict) -> None:
+    """Tell an interrupted run's message how many layers json_path holds (a rerun resumes from them)."""
+    io.record_saved(json_path, f"{len(result['layers'])} finished layer(s)", resumable=True)
+
+
 def run(args) -> dict:
     from tqdm import tqdm
 
@@ -176,7 +181,7 @@ def run(args) -> dict:
     }
     if done:
         print(f"resuming: {len(result['layers'])} finished layer(s) found in {json_path}", file=sys.stderr)
-        io.record_saved(json_path, f"{len(result['layers'])} finished layer(s)", resumable=True)
+        record_finished_layers(json_path, result)
     pairs = data.geometry_prompts()["direction_pairs"]
     if args.method == "exact":  # the direction v at every layer, from one forward pass per side
         pos_states = last_token_states_all_layers(lm, pairs["positive"])
@@ -199,7 +204,7 @@ def run(args) -> dict:
         entry["seconds"] = time.time() - t_layer
         result["layers"] = sorted(result["layers"] + [entry], key=lambda e: e["layer"])
         io.write_json_atomic(json_path, result)
-        io.record_saved(json_path, f"{len(result['layers'])} finished layer(s)", resumable=True)
+        record_finished_layers(json_path, result)
     result["complete"] = True
     result["seconds_total_this_run"] = time.time() - t0
     io.write_json_atomic(json_path, result)

@@ -55,12 +55,11 @@ class Calibration(NamedTuple):
 
 def prompt_batch(lm: LanguageModel, prompts) -> TokenBatch:
     """Prompts as a TokenBatch: a string, a list of strings (tokenized without chat template) or a TokenBatch."""
-    if isinstance(prompts, str):
-        prompts = [prompts]
     if isinstance(prompts, TokenBatch):
         return prompts
-    if isinstance(prompts, Sequence) and prompts and all(isinstance(p, str) for p in prompts):
-        return lm.tokenize(list(prompts))
+    if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts
+                                    and all(isinstance(p, str) for p in prompts)):
+        return lm.tokenize(prompts if isinstance(prompts, str) else list(prompts))
     if isinstance(prompts, Sequence) and not prompts:
         raise InputError("prompts is empty; pass at least one prompt")
     return as_token_batch(prompts)
@@ -179,18 +178,17 @@ def profile_vectors(lm: LanguageModel, vectors_or_pairs, layers) -> dict[int, np
         if missing:
             raise InputError(f"no vector given for layer(s) {missing}; the mapping has layers {sorted(vectors)}")
         return {layer: steering_vector(lm, vectors[layer]) for layer in layers}
+    layers = range(1, lm.num_layers + 1) if layers is None else layers
     if (isinstance(vectors_or_pairs, (tuple, list)) and len(vectors_or_pairs) == 2
             and all(isinstance(side, (list, tuple)) and side and all(isinstance(t, str) for t in side)
                     for side in vectors_or_pairs)):
         pos = last_token_states_all_layers(lm, vectors_or_pairs[0])
         neg = last_token_states_all_layers(lm, vectors_or_pairs[1])
-        layers = range(1, lm.num_layers + 1) if layers is None else layers
         return {layer: steering_vector(lm, vector_from_states(pos[layer], neg[layer])) for layer in layers}
     stack = finite_array(vectors_or_pairs, "vectors_or_pairs (one vector per layer)", (2,))
     if stack.shape != (lm.num_layers + 1, lm.d):
         raise InputError(f"an array of vectors must hold one per layer, shape ({lm.num_layers + 1}, {lm.d}); got "
                          f"{stack.shape}. Or pass {{layer: vector}} or (positive prompts, negative prompts)")
-    layers = range(1, lm.num_layers + 1) if layers is None else layers
     return {layer: steering_vector(lm, stack[layer]) for layer in layers}
 
 

@@ -22,8 +22,7 @@ LAYER = 15
 def full_forward_kl(lm, batch, vector, layer, alpha, positions) -> np.ndarray:
     """KL(p_steered || p) (B,) at the last prompt token from two full forward passes (left-padded: last column)."""
     base = np.asarray(lm.forward(batch).logits[:, -1], np.float64)
-    steer = sj.Steer(layer=layer, vector=np.asarray(vector, np.float32 if lm.dtype != np.float64 else np.float64),
-                     alpha=alpha, positions=positions)
+    steer = sj.Steer(layer=layer, vector=vector, alpha=alpha, positions=positions)   # lowered in the model dtype
     steered = np.asarray(lm.forward(batch, steer=steer).logits[:, -1], np.float64)
     return stats.kl_divergence(steered, base)
 
